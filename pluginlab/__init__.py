@@ -1,0 +1,35 @@
+"""pluginlab: host audio plugins with DawDreamer, control them together, keep provenance.
+
+Quick start::
+
+    from pluginlab import Engine, Source
+    engine = Engine()
+    track = engine.add_track("drums", Source.file("drum_loop.wav"))
+    reverb = track.add("Reverb")
+    reverb.wet_dry = 0.4
+    audio = track.render(4.0)          # float32 (channels, samples)
+"""
+
+from __future__ import annotations
+
+from .engine import Engine, Plugin, Track, builtin_names
+from .errors import ErrorCode, PluginlabError
+from .parameters import ParameterSpec
+from .presets import PresetLibrary
+from .sources import Source
+from .vst import scan
+
+__all__ = [
+    "Engine",
+    "Track",
+    "Plugin",
+    "Source",
+    "ParameterSpec",
+    "PresetLibrary",
+    "ErrorCode",
+    "PluginlabError",
+    "builtin_names",
+    "scan",
+]
+
+__version__ = "0.1.0"

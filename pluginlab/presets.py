@@ -1,0 +1,135 @@
+"""Preset storage: named parameter snapshots per plugin type, factory and user.
+
+Presets are keyed by plugin *type*: the built-in's lower-case name (``"reverb"``) or, for a
+binary, its file name plus a short hash of its full path. Factory presets live in
+``data/presets/<key>/*.json`` and are read-only; user presets live in a writable folder
+(``PLUGINLAB_PRESETS`` or ``~/.local/share/pluginlab/presets``) with the same layout. A user
+preset with the same name as a factory one shadows it. A binary's full state (DawDreamer
+``save_state``) is kept beside its JSON as ``<slug>.state``.
+
+This module only stores and finds; validation of the values is the engine's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .sources import DATA_DIR
+
+__all__ = ["PresetLibrary", "Preset", "preset_key", "FACTORY_DIR", "default_user_dir"]
+
+FACTORY_DIR = DATA_DIR / "presets"
+
+
+def default_user_dir() -> Path:
+    env = os.environ.get("PLUGINLAB_PRESETS")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "pluginlab" / "presets"
+
+
+def preset_key(name: str, plugin_path: str | None) -> str:
+    """The folder name presets of this plugin type live under."""
+    if not plugin_path:
+        return name.strip().lower()
+    digest = hashlib.sha256(str(Path(plugin_path).resolve()).encode()).hexdigest()[:8]
+    return f"{_slug(Path(plugin_path).name)}-{digest}"
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^0-9A-Za-z]+", "_", text.strip()).strip("_").lower()
+    return slug or "preset"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A stored preset: values by parameter id, and for binaries an optional state file."""
+
+    name: str
+    parameters: dict[str, Any]
+    factory: bool
+    state_path: Path | None = None
+
+
+class PresetLibrary:
+    """Find, save and delete presets. Thread-safe for the engine's use (file-level writes)."""
+
+    def __init__(self, user_dir: str | Path | None = None, factory_dir: str | Path | None = None):
+        self.user_dir = Path(user_dir) if user_dir else default_user_dir()
+        self.factory_dir = Path(factory_dir) if factory_dir else FACTORY_DIR
+
+    def names(self, key: str) -> list[str]:
+        """Preset names for this plugin type, factory and user, sorted, without duplicates."""
+        found = {p.name for p in self._all(key)}
+        return sorted(found, key=str.lower)
+
+    def describe(self, key: str) -> list[dict[str, Any]]:
+        """``[{name, factory}]`` for listing replies (a user preset shadows a factory one)."""
+        by_name = {p.name: p for p in self._all(key)}
+        return [{"name": n, "factory": by_name[n].factory} for n in sorted(by_name, key=str.lower)]
+
+    def get(self, key: str, name: str) -> Preset | None:
+        """The preset called ``name`` (user first, then factory), or None."""
+        for preset in reversed(self._all(key)):
+            if preset.name == name:
+                return preset
+        return None
+
+    def save(
+        self, key: str, name: str, plugin: str, parameters: dict[str, float], state: bytes | None
+    ) -> Path:
+        """Write a user preset (overwrites a user preset of that name). Returns its JSON path."""
+        if not name or not name.strip():
+            raise ValueError("preset name must not be empty")
+        folder = self.user_dir / key
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{_slug(name)}.json"
+        body = {"name": name, "plugin": plugin, "parameters": parameters}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        state_path = path.with_suffix(".state")
+        if state is not None:
+            state_path.write_bytes(state)
+        elif state_path.exists():
+            state_path.unlink()
+        return path
+
+    def delete(self, key: str, name: str) -> None:
+        """Delete a user preset. Raises KeyError if unknown, PermissionError for factory ones."""
+        preset = self.get(key, name)
+        if preset is None:
+            raise KeyError(name)
+        if preset.factory:
+            raise PermissionError(f"factory preset {name!r} is read-only")
+        path = self.user_dir / key / f"{_slug(name)}.json"
+        path.unlink()
+        path.with_suffix(".state").unlink(missing_ok=True)
+
+    def _all(self, key: str) -> list[Preset]:
+        """Factory presets, then user presets (later entries shadow earlier ones)."""
+        return self._read(self.factory_dir / key, True) + self._read(self.user_dir / key, False)
+
+    @staticmethod
+    def _read(folder: Path, factory: bool) -> list[Preset]:
+        if not folder.is_dir():
+            return []
+        presets = []
+        for path in sorted(folder.glob("*.json")):
+            try:
+                body = json.loads(path.read_text())
+                params = body.get("parameters", {})
+                if not isinstance(params, dict):
+                    continue
+                name = str(body.get("name") or path.stem)
+            except (OSError, ValueError):
+                continue  # a damaged file is skipped, never fatal
+            state = path.with_suffix(".state")
+            presets.append(Preset(name, params, factory, state if state.exists() else None))
+        return presets

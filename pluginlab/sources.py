@@ -1,0 +1,137 @@
+"""Track sources: generated test signals and audio files, materialized at any sample rate.
+
+A :class:`Source` is a small immutable description (``Source.sine(440)``,
+``Source.file("data/drums.wav")``); :meth:`Source.render` turns it into a float32
+``(2, samples)`` array for a given sample rate. Signals are generated, not shipped, so tests
+and notebooks need no large files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["Source", "SignalKind", "DATA_DIR"]
+
+SignalKind = Literal["sine", "noise", "impulse", "sweep", "silence", "file", "array"]
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What feeds a track. Build with the class methods; ``seconds`` is the source length."""
+
+    kind: SignalKind
+    seconds: float = 2.0
+    frequency: float = 440.0
+    end_frequency: float = 20000.0
+    level_db: float = -12.0
+    path: str | None = None
+    seed: int = 0
+    array: Any = field(default=None, compare=False, repr=False)
+    array_rate: int = 0
+
+    @classmethod
+    def sine(cls, frequency: float = 440.0, seconds: float = 2.0, level_db: float = -12.0) -> Source:
+        return cls("sine", seconds=seconds, frequency=frequency, level_db=level_db)
+
+    @classmethod
+    def noise(cls, seconds: float = 2.0, level_db: float = -12.0, seed: int = 0) -> Source:
+        return cls("noise", seconds=seconds, level_db=level_db, seed=seed)
+
+    @classmethod
+    def impulse(cls, seconds: float = 2.0, level_db: float = 0.0) -> Source:
+        return cls("impulse", seconds=seconds, level_db=level_db)
+
+    @classmethod
+    def sweep(
+        cls, start: float = 20.0, end: float = 20000.0, seconds: float = 2.0, level_db: float = -12.0
+    ) -> Source:
+        return cls("sweep", seconds=seconds, frequency=start, end_frequency=end, level_db=level_db)
+
+    @classmethod
+    def silence(cls, seconds: float = 2.0) -> Source:
+        return cls("silence", seconds=seconds)
+
+    @classmethod
+    def file(cls, path: str | Path) -> Source:
+        """An audio file (WAV/FLAC/OGG via soundfile); relative names are looked up in data/."""
+        p = Path(path)
+        if not p.exists() and (DATA_DIR / p).exists():
+            p = DATA_DIR / p
+        if not p.exists():
+            raise FileNotFoundError(f"audio file not found: {path}")
+        return cls("file", path=str(p.resolve()))
+
+    @classmethod
+    def from_array(cls, audio: np.ndarray, sample_rate: int) -> Source:
+        """In-memory audio, ``(channels, samples)`` or ``(samples,)``."""
+        return cls("array", array=np.asarray(audio, dtype=np.float32), array_rate=sample_rate)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description (for snapshots and provenance)."""
+        if self.kind == "file":
+            return {"kind": "file", "path": self.path}
+        if self.kind == "array":
+            return {"kind": "array", "sample_rate": self.array_rate}
+        return {
+            "kind": self.kind,
+            "seconds": self.seconds,
+            "frequency": self.frequency,
+            "level_db": self.level_db,
+        }
+
+    def render(self, sample_rate: int) -> np.ndarray:
+        """The source as float32 ``(2, samples)`` at ``sample_rate``."""
+        if self.kind == "file":
+            return _stereo(_load_file(str(self.path), sample_rate))
+        if self.kind == "array":
+            return _stereo(_resample(_as_2d(self.array), self.array_rate, sample_rate))
+        n = max(1, int(round(self.seconds * sample_rate)))
+        amp = 10.0 ** (self.level_db / 20.0)
+        t = np.arange(n, dtype=np.float64) / sample_rate
+        if self.kind == "sine":
+            mono = np.sin(2 * np.pi * self.frequency * t)
+        elif self.kind == "noise":
+            mono = np.random.default_rng(self.seed).uniform(-1.0, 1.0, n)
+        elif self.kind == "impulse":
+            mono = np.zeros(n)
+            mono[0] = 1.0
+        elif self.kind == "sweep":
+            k = np.log(self.end_frequency / self.frequency) / max(self.seconds, 1e-9)
+            mono = np.sin(2 * np.pi * self.frequency * (np.exp(k * t) - 1.0) / k)
+        else:
+            mono = np.zeros(n)
+        return _stereo((amp * mono).astype(np.float32)[np.newaxis, :])
+
+
+def _as_2d(audio: np.ndarray) -> np.ndarray:
+    a = np.asarray(audio, dtype=np.float32)
+    return a[np.newaxis, :] if a.ndim == 1 else a
+
+
+def _stereo(audio: np.ndarray) -> np.ndarray:
+    a = _as_2d(audio)
+    if a.shape[0] == 1:
+        a = np.vstack([a, a])
+    return np.ascontiguousarray(a[:2], dtype=np.float32)
+
+
+def _load_file(path: str, sample_rate: int) -> np.ndarray:
+    import soundfile as sf
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return _resample(data.T, int(rate), sample_rate)
+
+
+def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Linear-interpolation resampling (good enough for test material; documented)."""
+    if rate == target or audio.shape[1] == 0:
+        return audio
+    n_out = int(round(audio.shape[1] * target / rate))
+    x_old = np.arange(audio.shape[1]) / rate
+    x_new = np.arange(n_out) / target
+    return np.vstack([np.interp(x_new, x_old, ch) for ch in audio]).astype(np.float32)
