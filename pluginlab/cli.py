@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Subcommands owned by other modules."""
-    from . import provenance_cli
+    from . import provenance_cli, server_cli
 
+    server_cli.register(sub)
     provenance_cli.register(sub)
 
 

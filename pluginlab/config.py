@@ -1,0 +1,93 @@
+"""Server configuration: one dataclass, filled from constructor arguments, CLI options or env.
+
+Every option ``foo_bar`` is also the environment variable ``PLUGINLAB_FOO_BAR``; the feature
+flags keep the user's names (``ENABLE_NEW_PLUGIN_SYSTEM``, ``ENABLE_SESSION_BROADCASTING``,
+``ENABLE_DAID_TRACKING``, ``ENABLE_PARAMETER_BATCHING``, ``ALLOW_ANONYMOUS``). The JWT secret is
+``PLUGINLAB_JWT_SECRET`` and the database ``PLUGINLAB_DB``. ``PLUGINLAB_RATE_LIMITS=off``
+switches every rate limit off (for benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["ServerConfig", "FLAG_ENV"]
+
+FLAG_ENV = {
+    "enable_new_plugin_system": "ENABLE_NEW_PLUGIN_SYSTEM",
+    "enable_session_broadcasting": "ENABLE_SESSION_BROADCASTING",
+    "enable_daid_tracking": "ENABLE_DAID_TRACKING",
+    "enable_parameter_batching": "ENABLE_PARAMETER_BATCHING",
+    "allow_anonymous": "ALLOW_ANONYMOUS",
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """All server options with PROTOCOL.md's defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    path: str = "/ws"
+    db: str | None = "pluginlab.sqlite"
+    fsync: bool = False
+    presets_dir: str | None = None
+    strict_paths: bool = False
+    # auth
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM text or a path to a PEM file
+    jwt_algorithm: str | None = None
+    jwt_leeway: float = 30.0
+    auth_max_failures: int = 5
+    auth_failure_window: float = 60.0
+    auth_block_seconds: float = 300.0
+    # limits
+    max_frame: int = 1024 * 1024
+    rate_limits: bool = True
+    messages_per_second: int = 100
+    parameter_changes_per_second: int = 50
+    plugin_ops_per_second: int = 10
+    cursor_updates_per_second: int = 30
+    connections_per_user: int = 5
+    debounce_window: float = 0.05
+    # feature flags
+    enable_new_plugin_system: bool = True
+    enable_session_broadcasting: bool = True
+    enable_daid_tracking: bool = True
+    enable_parameter_batching: bool = True
+    allow_anonymous: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Defaults, then environment variables, then ``overrides`` (None values ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = FLAG_ENV.get(f.name, f"PLUGINLAB_{f.name.upper()}")
+            if name in env:
+                values[f.name] = _convert(f.name, env[name], cls.__dataclass_fields__[f.name].type)
+        if "PLUGINLAB_RATE_LIMITS" in env:
+            values["rate_limits"] = _convert("rate_limits", env["PLUGINLAB_RATE_LIMITS"], "bool")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+
+def _convert(name: str, raw: str, type_name: Any) -> Any:
+    text = str(type_name)
+    if "bool" in text:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{name}: expected true/false, got {raw!r}")
+    if "int" in text and "None" not in text:
+        return int(raw)
+    if "float" in text:
+        return float(raw)
+    return raw

@@ -1,0 +1,214 @@
+"""Wire messages: strict parsing (incl. legacy format and dotted aliases) and envelopes.
+
+:func:`parse` turns one text frame into a frozen :class:`Request` whose ``type`` is canonical
+(UPPER_SNAKE, legacy types kept as they are) and whose ``data`` uses snake_case field names.
+Anything that is not valid raises :class:`~pluginlab.errors.InvalidMessage` or
+:class:`~pluginlab.errors.UnknownMessageType`, so an invalid message cannot exist past here.
+:func:`envelope` builds every server message (one place for ids and timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import InvalidMessage, UnknownMessageType
+
+__all__ = [
+    "Request",
+    "parse",
+    "envelope",
+    "now_iso",
+    "dumps",
+    "ALIASES",
+    "LEGACY_TYPES",
+    "REQUEST_TYPES",
+]
+
+ALIASES = {
+    "plugin.add": "PLUGIN_ADD",
+    "plugin.remove": "PLUGIN_REMOVE",
+    "plugin.parameter": "PLUGIN_PARAMETER",
+    "plugin.parameter.batch": "PLUGIN_PARAMETER_BATCH",
+    "plugin.parameters.get": "PLUGIN_PARAMETERS_GET",
+    "plugin.bypass": "PLUGIN_BYPASS",
+    "plugin.preset": "PLUGIN_PRESET",
+    "heartbeat": "PING",
+}
+LEGACY_TYPES = frozenset({"ADD_PLUGIN", "UPDATE_PARAMETER"})
+REQUEST_TYPES = frozenset({
+    "AUTH", "PLUGIN_ADD", "PLUGIN_REMOVE", "PLUGIN_PARAMETER", "PLUGIN_PARAMETER_BATCH",
+    "PLUGIN_BYPASS", "PLUGIN_PRESET", "PLUGIN_PARAMETERS_GET", "SESSION_STATE_GET",
+    "USER_CURSOR_UPDATE", "PING",
+}) | LEGACY_TYPES
+
+LEGACY_FIELDS = {
+    "trackId": "track_id",
+    "pluginId": "plugin_id",
+    "pluginName": "name",
+    "pluginPath": "plugin_path",
+    "parameterId": "parameter_id",
+    "parameterValue": "parameter_value",
+    "bypassed": "bypass",
+    "path": "plugin_path",
+    "presetName": "preset_name",
+    "presetData": "preset_data",
+    "userId": "user_id",
+    "sessionId": "session_id",
+}
+
+_STR = (str,)
+# type -> {field: (allowed python types, required)}; values are checked, not coerced.
+_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "AUTH": {"token": ((str, type(None)), False), "user_id": ((str, type(None)), False),
+             "session_id": ((str, type(None)), False)},
+    "PLUGIN_ADD": {"track_id": (_STR, True), "name": (_STR, True),
+                   "plugin_path": ((str, type(None)), False),
+                   "plugin_id": ((str, type(None)), False), "index": ((int,), False)},
+    "PLUGIN_REMOVE": {"track_id": (_STR, True), "plugin_id": (_STR, True)},
+    "PLUGIN_PARAMETER": {"track_id": (_STR, True), "plugin_id": (_STR, True),
+                         "parameter_id": (_STR, True)},
+    "PLUGIN_PARAMETER_BATCH": {"track_id": (_STR, True), "plugin_id": (_STR, True),
+                               "parameters": ((dict, list), True)},
+    "PLUGIN_BYPASS": {"track_id": (_STR, True), "plugin_id": (_STR, True),
+                      "bypass": ((bool,), True)},
+    "PLUGIN_PRESET": {"track_id": (_STR, True), "plugin_id": (_STR, True),
+                      "action": (_STR, False), "preset_name": ((str, type(None)), False),
+                      "preset_data": ((dict, type(None)), False)},
+    "PLUGIN_PARAMETERS_GET": {"track_id": (_STR, True), "plugin_id": (_STR, True)},
+    "SESSION_STATE_GET": {},
+    "USER_CURSOR_UPDATE": {"track_id": ((str, type(None)), False),
+                           "plugin_id": ((str, type(None)), False),
+                           "parameter_id": ((str, type(None)), False),
+                           "position": ((dict, type(None)), False)},
+    "PING": {},
+    "ADD_PLUGIN": {"track_id": (_STR, True), "name": (_STR, True),
+                   "plugin_path": ((str, type(None)), False)},
+    "UPDATE_PARAMETER": {"plugin_id": (_STR, True), "parameter_id": (_STR, True)},
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated client message. ``id`` is the client's or an assigned ``legacy_...`` one."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+    raw_type: str
+    legacy: bool = False
+
+
+def now_iso() -> str:
+    """UTC ISO-8601 with milliseconds and ``Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _legacy_id() -> str:
+    return f"legacy_{int(time.time() * 1000)}_{secrets.token_hex(5)}"
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """json.loads that refuses NaN/Infinity tokens and reports depth overflow as ValueError."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
+
+
+def parse(frame: str | bytes) -> Request:
+    """Validate one frame into a :class:`Request` (see module docstring)."""
+    try:
+        body = loads_strict(frame)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage("a message must be a JSON object")
+    raw_type = body.get("type")
+    if not isinstance(raw_type, str) or not raw_type:
+        raise InvalidMessage("missing or not a string", "type")
+    msg_type = ALIASES.get(raw_type, raw_type)
+    if msg_type not in REQUEST_TYPES:
+        raise UnknownMessageType(raw_type)
+    msg_id = body.get("id")
+    if msg_id is not None and not isinstance(msg_id, (str, int)) or isinstance(msg_id, bool):
+        raise InvalidMessage("must be a string", "id")
+    legacy = msg_type in LEGACY_TYPES
+    data = body.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidMessage("must be an object", "data")
+    data = _normalize(msg_type, data)
+    _check_fields(msg_type, data)
+    return Request(
+        id=str(msg_id) if msg_id not in (None, "") else _legacy_id(),
+        type=msg_type,
+        data=data,
+        raw_type=raw_type,
+        legacy=legacy,
+    )
+
+
+def _normalize(msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    """camelCase -> snake_case (legacy field map) and the legacy ``value`` field."""
+    out = {LEGACY_FIELDS.get(k, k): v for k, v in data.items() if k not in LEGACY_FIELDS}
+    for old, new in LEGACY_FIELDS.items():
+        if old in data and new not in out:
+            out[new] = data[old]
+    if msg_type == "UPDATE_PARAMETER" and "parameter_value" not in out and "value" in out:
+        out["parameter_value"] = out["value"]
+    if msg_type == "PLUGIN_BYPASS" and "bypassed" in data and "bypass" not in data:
+        out["bypass"] = data["bypassed"]
+    return out
+
+
+def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
+    for name, (types, required) in _FIELDS[msg_type].items():
+        if name not in data:
+            if required:
+                raise InvalidMessage("required field missing", name)
+            continue
+        value = data[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = "/".join(t.__name__ for t in types if t is not type(None))
+            raise InvalidMessage(f"expected {expected}, got {type(value).__name__}", name)
+    if msg_type in ("PLUGIN_PARAMETER", "UPDATE_PARAMETER") and "parameter_value" not in data:
+        raise InvalidMessage("required field missing", "parameter_value")
+
+
+def envelope(
+    msg_type: str,
+    data: dict[str, Any],
+    *,
+    msg_id: str | None = None,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    top_level: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A server message. ``msg_id`` None -> a fresh ``bcast_`` id (broadcasts)."""
+    message: dict[str, Any] = {
+        "id": msg_id if msg_id is not None else f"bcast_{secrets.token_hex(8)}",
+        "type": msg_type,
+        "data": data,
+        "user_id": user_id,
+        "session_id": session_id,
+        "timestamp": now_iso(),
+    }
+    if top_level:
+        for key, value in top_level.items():
+            message.setdefault(key, value)
+    return message
+
+
+def dumps(message: dict[str, Any]) -> str:
+    """Compact strict JSON (never emits NaN/Infinity)."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False, default=str)

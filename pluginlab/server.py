@@ -1,0 +1,183 @@
+"""The WebSocket transport: a thin ``websockets`` server around :class:`~pluginlab.session.Studio`.
+
+``PluginServer`` owns the pieces a server needs (config, provenance store, authenticator,
+studio) and runs on the *current* asyncio loop, so in a notebook it lives on the kernel's loop
+and keeps serving between cells::
+
+    server = await PluginServer(ServerConfig(port=0, db="lab.sqlite")).start()
+    print(server.url, server.token("alice"))
+    ...
+    await server.stop()
+
+Transport decisions: text frames of strict JSON; path ``config.path`` only (others get HTTP
+404 at the handshake); frames over ``max_frame`` close the connection with 1009; a token in the
+handshake (``?token=`` or ``Authorization: Bearer``) is verified there (HTTP 401 when bad) and
+the connection starts authenticated. permessage-deflate is off: for small JSON frames it costs
+more than it saves (measured in DESIGN.md). Outgoing messages are written without awaiting
+(``websockets`` ``broadcast``), so one slow client never stalls the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+
+from .auth import AuthConfig, Authenticator, generate_secret
+from .config import ServerConfig
+from .errors import AuthFailed, PluginlabError
+from .messages import dumps, envelope
+from .session import Connection, Studio
+
+__all__ = ["PluginServer"]
+
+log = logging.getLogger("pluginlab.server")
+
+
+def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
+    """The authenticator for ``config``; True when a secret had to be generated."""
+    public_key = config.jwt_public_key
+    if public_key and os.path.exists(public_key):
+        with open(public_key) as fh:
+            public_key = fh.read()
+    generated = not config.jwt_secret and not public_key
+    secret = config.jwt_secret or (None if public_key else generate_secret())
+    auth = Authenticator(AuthConfig(
+        secret=secret, public_key=public_key, algorithm=config.jwt_algorithm,
+        leeway=config.jwt_leeway, max_failures=config.auth_max_failures,
+        failure_window=config.auth_failure_window, block_seconds=config.auth_block_seconds,
+    ))
+    return auth, generated
+
+
+class PluginServer:
+    """WebSocket server for the plugin protocol. Start with ``await server.start()``."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        store: Any = None,
+        authenticator: Authenticator | None = None,
+        studio: Studio | None = None,
+    ) -> None:
+        self.config = config or ServerConfig.from_env()
+        self.generated_secret = False
+        if authenticator is None:
+            authenticator, self.generated_secret = build_authenticator(self.config)
+        self.auth = authenticator
+        self._own_store = store is None and studio is None and bool(self.config.db)
+        if self._own_store:
+            from .provenance import ProvenanceStore
+
+            store = ProvenanceStore(self.config.db, fsync=self.config.fsync)
+        self.store = store if studio is None else studio.store
+        self.studio = studio or Studio(self.config, store=store, authenticator=authenticator)
+        self._server: Server | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/ws`` once started."""
+        return f"ws://{self.config.host}:{self.port}{self.config.path}"
+
+    def token(self, user_id: str, **kwargs: Any) -> str:
+        """Issue a token this server accepts (see :meth:`Authenticator.issue`)."""
+        return self.auth.issue(user_id, **kwargs)
+
+    async def start(self) -> PluginServer:
+        """Bind and start serving on the running loop (``port=0`` picks a free port)."""
+        if self._server is not None:
+            return self
+        self._server = await serve(
+            self._handle, self.config.host, self.config.port,
+            process_request=self._process_request, max_size=self.config.max_frame,
+            compression=None, ping_interval=20, ping_timeout=20,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = int(sock.getsockname()[1])
+        return self
+
+    async def stop(self) -> None:
+        """Close every connection, flush broadcasts, release engines and the store."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.studio.close()
+        if self._own_store and self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> PluginServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- handshake --------------------------------------------------------------------------
+    def _process_request(self, connection: ServerConnection, request: Any) -> Any:
+        parts = urlsplit(request.path)
+        if parts.path != self.config.path:
+            return connection.respond(HTTPStatus.NOT_FOUND, "unknown path\n")
+        query = parse_qs(parts.query)
+        token = (query.get("token") or [None])[0]
+        session_id = (query.get("session_id") or [None])[0]
+        header = request.headers.get("Authorization", "")
+        if not token and header.lower().startswith("bearer "):
+            token = header[7:].strip()
+            session_id = session_id or request.headers.get("Session-Id")
+        if token:
+            address = _address(connection)
+            try:
+                self.auth.check_blocked(address)
+                self.auth.verify(token)
+            except AuthFailed as exc:
+                if exc.details and exc.details.get("reason") != "blocked":
+                    self.auth.record_failure(address)
+                return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+        connection.pluginlab_handshake = (token, session_id)  # type: ignore[attr-defined]
+        return None
+
+    # -- one connection ---------------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        def send(message: dict[str, Any]) -> None:
+            broadcast([ws], dumps(message))
+
+        conn = self.studio.connect(send, _address(ws))
+        try:
+            await self._handshake_join(ws, conn)
+            async for frame in ws:
+                await self.studio.receive(conn, frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.studio.disconnect(conn)
+
+    async def _handshake_join(self, ws: ServerConnection, conn: Connection) -> None:
+        token, session_id = getattr(ws, "pluginlab_handshake", (None, None))
+        if not token:
+            return
+        try:
+            data = await self.studio.authenticate_handshake(conn, token, session_id)
+        except PluginlabError as exc:
+            conn.send(envelope("ERROR", exc.to_payload(), msg_id=None))
+            await ws.close(1008, exc.message[:120])
+            return
+        conn.send(envelope("AUTH_SUCCESS", data, msg_id=None, user_id=conn.user_id,
+                           session_id=conn.session_id))
+
+
+def _address(ws: ServerConnection) -> str:
+    remote = ws.remote_address
+    return str(remote[0]) if isinstance(remote, tuple) else str(remote)

@@ -1,0 +1,624 @@
+"""The core: sessions, membership, dispatch, broadcasts, limits and provenance.
+
+:class:`Studio` is transport-independent: it imports neither ``websockets`` nor
+``ipywidgets``. A door (the WebSocket server, a notebook widget, a test) wraps each client
+in a :class:`Connection` whose ``send`` callable delivers one message dict to that client,
+then feeds frames to :meth:`Studio.receive` (wire path) or calls :meth:`Studio.execute`
+(Python path). Both go through the same dispatch table, validation, DAID recording and
+broadcasts. Contracts:
+
+* A request gets exactly one reply (or ERROR) on its own connection, sent before any
+  broadcast it causes reaches the others; a client never receives broadcasts of its own
+  changes.
+* Every accepted change is applied to the session's engine, recorded (durably) in the
+  provenance store, and only then acknowledged. If recording fails the change is undone.
+* Parameter broadcasts to other clients are throttled per (plugin, parameter): leading edge
+  at once, the last value always delivered at the end of the window.
+* Objects belong to a session; other sessions' objects do not exist for a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .auth import Authenticator, Identity
+from .config import ServerConfig
+from .engine import Engine, Plugin
+from .errors import (
+    AuthFailed,
+    InternalError,
+    InvalidMessage,
+    PluginlabError,
+    RateLimited,
+    Unauthorized,
+    UnknownMessageType,
+)
+from .limits import SlidingWindow, Throttle
+from .messages import LEGACY_TYPES, Request, dumps, envelope, loads_strict, now_iso, parse
+from .presets import PresetLibrary
+
+__all__ = ["Studio", "Connection", "Session"]
+
+log = logging.getLogger("pluginlab.session")
+
+Send = Callable[[dict[str, Any]], None]
+_conn_ids = itertools.count(1)
+
+PERMISSION_OF = {
+    "PLUGIN_ADD": "plugin:add", "ADD_PLUGIN": "plugin:add", "PLUGIN_REMOVE": "plugin:remove",
+    "PLUGIN_PARAMETER": "plugin:write", "UPDATE_PARAMETER": "plugin:write",
+    "PLUGIN_PARAMETER_BATCH": "plugin:write", "PLUGIN_BYPASS": "plugin:write",
+    "PLUGIN_PARAMETERS_GET": "plugin:read", "SESSION_STATE_GET": "plugin:read",
+    "USER_CURSOR_UPDATE": "plugin:read",
+}
+PRESET_PERMISSION = {"load": "plugin:write", "save": "plugin:write", "delete": "plugin:write",
+                     "list": "plugin:read"}
+
+
+class Connection:
+    """One client as the core sees it. ``send`` must not block (the transport queues)."""
+
+    def __init__(self, send: Send, address: str = "local", config: ServerConfig | None = None):
+        cfg = config or ServerConfig()
+        self.id = f"conn_{next(_conn_ids)}"
+        self.send = send
+        self.address = address
+        self.identity: Identity | None = None
+        self.session_id: str | None = None
+        self.closed = False
+        on = cfg.rate_limits
+        self.messages = SlidingWindow(cfg.messages_per_second if on else 0)
+        self.plugin_ops = SlidingWindow(cfg.plugin_ops_per_second if on else 0)
+        self.cursors = SlidingWindow(cfg.cursor_updates_per_second if on else 0)
+        self._param_limit = cfg.parameter_changes_per_second if on else 0
+        self._param_windows: dict[str, SlidingWindow] = {}
+
+    @property
+    def user_id(self) -> str | None:
+        return self.identity.user_id if self.identity else None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.identity is not None and self.session_id is not None
+
+    def parameter_window(self, plugin_id: str) -> SlidingWindow:
+        window = self._param_windows.get(plugin_id)
+        if window is None:
+            window = self._param_windows[plugin_id] = SlidingWindow(self._param_limit)
+        return window
+
+
+@dataclass
+class Session:
+    """A session: its own engine, its members and its broadcast throttle."""
+
+    id: str
+    engine: Engine
+    throttle: Throttle
+    members: dict[str, Connection] = field(default_factory=dict)
+
+    def user_ids(self) -> list[str]:
+        return sorted({c.user_id for c in self.members.values() if c.user_id})
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"session_id": self.id, "members": self.user_ids(),
+                "tracks": self.engine.snapshot()}
+
+
+Handler = Callable[[Connection, Request], Awaitable[dict[str, Any] | None]]
+
+
+class Studio:
+    """Sessions and the dispatch of every message type. One per server / notebook."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        store: Any = None,
+        authenticator: Authenticator | None = None,
+        presets: PresetLibrary | None = None,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.store = store
+        self.auth = authenticator
+        self.presets = presets or PresetLibrary(self.config.presets_dir)
+        self.sessions: dict[str, Session] = {}
+        self.connections: dict[str, Connection] = {}
+        self._session_lock = asyncio.Lock()
+        self._handlers: dict[str, Handler] = {
+            "AUTH": self._auth, "PING": self._ping,
+            "PLUGIN_ADD": self._plugin_add, "ADD_PLUGIN": self._plugin_add,
+            "PLUGIN_REMOVE": self._plugin_remove,
+            "PLUGIN_PARAMETER": self._parameter, "UPDATE_PARAMETER": self._parameter,
+            "PLUGIN_PARAMETER_BATCH": self._batch, "PLUGIN_BYPASS": self._bypass,
+            "PLUGIN_PRESET": self._preset, "PLUGIN_PARAMETERS_GET": self._parameters_get,
+            "SESSION_STATE_GET": self._state_get, "USER_CURSOR_UPDATE": self._cursor,
+        }
+
+    # == doors ==============================================================================
+    def connect(self, send: Send, address: str = "local") -> Connection:
+        """Register a new client; returns its connection."""
+        conn = Connection(send, address, self.config)
+        self.connections[conn.id] = conn
+        return conn
+
+    async def disconnect(self, conn: Connection) -> None:
+        """Forget a client; the others in its session get PRESENCE left."""
+        conn.closed = True
+        self.connections.pop(conn.id, None)
+        self._leave(conn)
+
+    async def receive(self, conn: Connection, frame: str | bytes) -> None:
+        """Handle one wire frame: rate limit, parse, dispatch, reply (or ERROR)."""
+        request_id: str | None = None
+        try:
+            wait = conn.messages.take()
+            if wait is not None:
+                request_id = _peek_id(frame)
+                raise RateLimited("messages_per_second", wait)
+            request = parse(frame)
+            request_id = request.id
+            reply = await self._dispatch(conn, request)
+            if reply is not None:
+                self._send(conn, reply)
+        except PluginlabError as exc:
+            self._send(conn, self._error(conn, exc, request_id))
+        except Exception:
+            log.exception("internal error handling a message from %s", conn.id)
+            self._send(conn, self._error(conn, InternalError(), request_id))
+
+    async def execute(self, conn: Connection, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Python door: run one request and return its reply data (raises PluginlabError).
+
+        Same validation, recording and broadcasts as the wire path; the reply is returned
+        instead of being sent.
+        """
+        frame = dumps({"id": f"py_{uuid.uuid4().hex[:12]}", "type": msg_type, "data": data})
+        request = parse(frame)
+        reply = await self._dispatch(conn, request)
+        return reply["data"] if reply else {}
+
+    async def authenticate_handshake(
+        self, conn: Connection, token: str | None, session_id: str | None
+    ) -> dict[str, Any]:
+        """Authenticate at the WebSocket handshake; raises AuthFailed. Returns AUTH_SUCCESS."""
+        return await self._join(conn, token, None, session_id, request_id=None)
+
+    async def close(self) -> None:
+        """Flush pending broadcasts and release every session's engine."""
+        for session in self.sessions.values():
+            session.throttle.flush()
+        for session in list(self.sessions.values()):
+            await asyncio.to_thread(session.engine.close)
+        self.sessions.clear()
+
+    # == dispatch ===========================================================================
+    async def _dispatch(self, conn: Connection, request: Request) -> dict[str, Any] | None:
+        msg_type = request.type
+        cfg = self.config
+        if not cfg.enable_new_plugin_system and msg_type not in LEGACY_TYPES | {"AUTH", "PING"}:
+            raise UnknownMessageType(request.raw_type)
+        if msg_type == "PLUGIN_PARAMETER_BATCH" and not cfg.enable_parameter_batching:
+            raise UnknownMessageType(request.raw_type)
+        if msg_type not in ("AUTH", "PING") and not conn.authenticated:
+            if request.legacy and cfg.allow_anonymous:
+                await self._join(conn, None, None, "legacy_session", request.id,
+                                 anonymous_user="legacy_user")
+            else:
+                raise Unauthorized("authentication required: send AUTH first",
+                                   {"required_permission": None})
+        permission = PERMISSION_OF.get(msg_type)
+        if msg_type == "PLUGIN_PRESET":
+            permission = PRESET_PERMISSION.get(str(request.data.get("action", "load")))
+        if permission and conn.identity and not conn.identity.allows(permission):
+            raise Unauthorized(f"token lacks permission {permission}",
+                               {"required_permission": permission})
+        data = await self._handlers[msg_type](conn, request)
+        if data is None:
+            return None
+        reply_type = {"ADD_PLUGIN": "PLUGIN_ADDED", "UPDATE_PARAMETER": "PARAMETER_UPDATED",
+                      "AUTH": "AUTH_SUCCESS"}.get(msg_type, msg_type)
+        if request.raw_type == "heartbeat":
+            reply_type = "heartbeat_response"
+        elif msg_type == "PING":
+            reply_type = "PONG"
+        top = data if request.legacy else None
+        return envelope(reply_type, data, msg_id=request.id, user_id=conn.user_id,
+                        session_id=conn.session_id, top_level=top)
+
+    # == auth & membership ==================================================================
+    async def _auth(self, conn: Connection, request: Request) -> dict[str, Any]:
+        d = request.data
+        return await self._join(conn, d.get("token"), d.get("user_id"), d.get("session_id"),
+                                request.id)
+
+    async def _join(
+        self, conn: Connection, token: str | None, claimed_user: str | None,
+        session_id: str | None, request_id: str | None, anonymous_user: str | None = None,
+    ) -> dict[str, Any]:
+        identity = self._verify(conn, token, claimed_user, anonymous_user)
+        if session_id is None:
+            if identity.sessions:
+                session_id = identity.sessions[0]
+            elif anonymous_user or (not token and self.config.allow_anonymous):
+                session_id = f"anonymous_{uuid.uuid4().hex}"
+            else:
+                session_id = f"session_{uuid.uuid4().hex[:12]}"
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidMessage("must be a non-empty string", "session_id")
+        if not identity.may_join(session_id):
+            self._fail(conn, AuthFailed("session not allowed"))
+        others = sum(1 for c in self.connections.values()
+                     if c is not conn and c.authenticated and c.user_id == identity.user_id)
+        if others >= self.config.connections_per_user > 0:
+            raise AuthFailed("too many connections", limit=self.config.connections_per_user)
+        if self.auth is not None:
+            self.auth.record_success(conn.address)
+        self._leave(conn)
+        session = await self._session(session_id)
+        conn.identity, conn.session_id = identity, session_id
+        session.members[conn.id] = conn
+        self._broadcast(session, conn, "PRESENCE", {"event": "joined", "user_id": conn.user_id})
+        await self._record(conn, [self._draft(conn, "auth", "user", identity.user_id, "auth",
+                                              {"session_id": session_id,
+                                               "address": conn.address})])
+        return {"session_id": session_id, "user_id": identity.user_id,
+                "snapshot": session.snapshot()}
+
+    def _verify(self, conn: Connection, token: Any, claimed: Any, anonymous: str | None
+                ) -> Identity:
+        if self.auth is not None:
+            self.auth.check_blocked(conn.address)
+        if anonymous:
+            return Identity(anonymous)
+        if token in (None, "") and self.config.allow_anonymous:
+            return Identity("anonymous_user")
+        if self.auth is None:
+            raise AuthFailed("no authentication configured")
+        try:
+            return self.auth.verify(token, claimed)
+        except AuthFailed as exc:
+            self._fail(conn, exc)
+            raise
+
+    def _fail(self, conn: Connection, exc: AuthFailed) -> None:
+        if self.auth is not None:
+            self.auth.record_failure(conn.address)
+        raise exc
+
+    async def _session(self, session_id: str) -> Session:
+        async with self._session_lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                engine = Engine(presets=self.presets, strict_paths=self.config.strict_paths)
+                if self.store is not None:
+                    state = self.store.session_state(session_id)
+                    if state:
+                        await asyncio.to_thread(engine.restore, state)
+                session = Session(session_id, engine, Throttle(self._window()))
+                self.sessions[session_id] = session
+            return session
+
+    def _window(self) -> float:
+        return self.config.debounce_window if self.config.enable_parameter_batching else 0.0
+
+    def _leave(self, conn: Connection) -> None:
+        session = self.sessions.get(conn.session_id or "")
+        if session is not None and session.members.pop(conn.id, None) is not None:
+            self._broadcast(session, conn, "PRESENCE", {"event": "left", "user_id": conn.user_id})
+
+    def _session_of(self, conn: Connection) -> Session:
+        return self.sessions[conn.session_id or ""]
+
+    # == plugin messages ====================================================================
+    async def _plugin_add(self, conn: Connection, request: Request) -> dict[str, Any]:
+        self._limit(conn.plugin_ops, "plugin_ops_per_second")
+        d = request.data
+        session = self._session_of(conn)
+        engine = session.engine
+        plugin = await asyncio.to_thread(
+            engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
+            plugin_id=d.get("plugin_id") or None, index=d.get("index"),
+        )
+        info = await asyncio.to_thread(plugin.parameter_info)
+        index = list(engine.track(plugin.track_id).plugins).index(plugin)
+        details = {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
+                   "plugin_path": plugin.plugin_path, "index": index,
+                   "parameters": plugin.values, "bypass": False}
+        try:
+            daid = await self._record(conn, [self._draft(conn, "plugin_add", "plugin", plugin.id,
+                                                         "create", details)])
+        except Exception:
+            await asyncio.to_thread(engine.remove_plugin, plugin.id)
+            raise
+        data = {"track_id": plugin.track_id, "name": plugin.name,
+                "plugin_path": plugin.plugin_path, "plugin_id": plugin.id, "index": index,
+                "parameters": plugin.values, "parameter_info": info, "bypass": False,
+                "success": True, "daid": daid, "resolved_as": plugin.resolved_as}
+        if plugin.warning:
+            data["warning"] = plugin.warning
+        self._broadcast(session, conn, "PLUGIN_ADD", data)
+        self._state_update(session, conn, plugin, "added", daid, plugin.values)
+        if request.legacy:
+            return {"success": True, "pluginId": plugin.id, **data,
+                    "plugin": {"id": plugin.id, "name": plugin.name, "trackId": plugin.track_id,
+                               "parameters": plugin.values}}
+        return data
+
+    async def _plugin_remove(self, conn: Connection, request: Request) -> dict[str, Any]:
+        self._limit(conn.plugin_ops, "plugin_ops_per_second")
+        session = self._session_of(conn)
+        plugin = self._plugin(session, request)
+        state = plugin.state()
+        await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
+        try:
+            daid = await self._record(conn, [self._draft(
+                conn, "plugin_remove", "plugin", plugin.id, "delete",
+                {"track_id": plugin.track_id, "plugin_id": plugin.id})])
+        except Exception:
+            await asyncio.to_thread(session.engine.restore, {plugin.track_id: [state]})
+            raise
+        data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "success": True,
+                "daid": daid}
+        self._broadcast(session, conn, "PLUGIN_REMOVE", data)
+        self._state_update(session, conn, plugin, "removed", daid, None)
+        return data
+
+    async def _parameter(self, conn: Connection, request: Request) -> dict[str, Any]:
+        d = request.data
+        session = self._session_of(conn)
+        plugin = self._plugin(session, request)
+        self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second")
+        pid, value = d["parameter_id"], d["parameter_value"]
+        previous = plugin.get(pid) if pid in plugin.parameters else None
+        applied = plugin.set(pid, value)
+        daid = await self._record_or_undo(conn, plugin, {pid: previous}, [self._param_draft(
+            conn, plugin, pid, applied, previous, None)])
+        data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameter_id": pid,
+                "parameter_value": applied, "text": plugin.text(pid) if plugin.kind == "builtin"
+                else None, "success": True, "daid": daid}
+        self._relay(session, conn, plugin, (plugin.id, pid), {pid: applied}, daid, "PLUGIN_PARAMETER")
+        if request.legacy:
+            return {"success": True, "pluginId": plugin.id, "parameterId": pid, "value": applied,
+                    **data}
+        return data
+
+    async def _batch(self, conn: Connection, request: Request) -> dict[str, Any]:
+        session = self._session_of(conn)
+        plugin = self._plugin(session, request)
+        values = _batch_values(request.data["parameters"])
+        self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second", len(values))
+        previous = {pid: plugin.get(pid) for pid in values if pid in plugin.parameters}
+        applied = plugin.update(values)
+        batch_id = f"batch_{uuid.uuid4().hex[:12]}"
+        drafts = [self._param_draft(conn, plugin, pid, v, previous.get(pid), batch_id)
+                  for pid, v in applied.items()]
+        daid = await self._record_or_undo(conn, plugin, previous, drafts)
+        data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameters": applied,
+                "success": True, "daid": daid, "batch_id": batch_id}
+        self._relay(session, conn, plugin, (plugin.id, "*batch*"), applied, daid,
+                    "PLUGIN_PARAMETER_BATCH")
+        return data
+
+    async def _bypass(self, conn: Connection, request: Request) -> dict[str, Any]:
+        session = self._session_of(conn)
+        plugin = self._plugin(session, request)
+        bypass = request.data["bypass"]
+        before = plugin.bypass
+        session.engine.set_bypass(plugin.id, bypass)
+        try:
+            daid = await self._record(conn, [self._draft(
+                conn, "plugin_bypass", "plugin", plugin.id, "bypass",
+                {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass})])
+        except Exception:
+            session.engine.set_bypass(plugin.id, before)
+            raise
+        data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass,
+                "success": True, "daid": daid}
+        self._broadcast(session, conn, "PLUGIN_BYPASS", data)
+        self._state_update(session, conn, plugin, "bypassed" if bypass else "enabled", daid, None)
+        return data
+
+    async def _preset(self, conn: Connection, request: Request) -> dict[str, Any]:
+        d = request.data
+        session = self._session_of(conn)
+        plugin = self._plugin(session, request)
+        action = d.get("action") or "load"
+        name = d.get("preset_name")
+        base = {"track_id": plugin.track_id, "plugin_id": plugin.id, "action": action,
+                "success": True}
+        if action == "list":
+            listing = self.presets.describe(plugin.preset_key)
+            return {**base, "presets": [p["name"] for p in listing], "preset_info": listing}
+        if action == "save":
+            if not name:
+                raise InvalidMessage("required for save", "preset_name")
+            await asyncio.to_thread(plugin.save_preset, name)
+            daid = await self._record(conn, [self._draft(
+                conn, "preset_save", "preset", f"{plugin.preset_key}/{name}", "preset_save",
+                {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name,
+                 "parameters": plugin.values})])
+            return {**base, "preset_name": name, "daid": daid}
+        if action == "delete":
+            if not name:
+                raise InvalidMessage("required for delete", "preset_name")
+            plugin.delete_preset(name)
+            daid = await self._record(conn, [self._draft(
+                conn, "preset_delete", "preset", f"{plugin.preset_key}/{name}", "delete",
+                {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name})])
+            return {**base, "preset_name": name, "daid": daid}
+        if action != "load":
+            raise InvalidMessage("expected load, save, list or delete", "action")
+        source = d.get("preset_data") if d.get("preset_data") is not None else name
+        if source is None:
+            raise InvalidMessage("preset_name or preset_data required", "preset_name")
+        before = plugin.values
+        values = await asyncio.to_thread(plugin.load_preset, source)
+        daid = await self._record_or_undo(conn, plugin, before, [self._draft(
+            conn, "preset_load", "plugin", plugin.id, "preset_load",
+            {"track_id": plugin.track_id, "plugin_id": plugin.id,
+             "preset_name": name if isinstance(source, str) else None, "parameters": values})])
+        data = {**base, "preset_name": name, "parameters": values, "daid": daid}
+        self._broadcast(session, conn, "PLUGIN_PRESET", data)
+        self._state_update(session, conn, plugin, "preset_loaded", daid, values)
+        return data
+
+    async def _parameters_get(self, conn: Connection, request: Request) -> dict[str, Any]:
+        plugin = self._plugin(self._session_of(conn), request)
+        info = await asyncio.to_thread(plugin.parameter_info)
+        return {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
+                "parameters": plugin.values, "parameter_info": info, "bypass": plugin.bypass,
+                "success": True}
+
+    async def _state_get(self, conn: Connection, request: Request) -> dict[str, Any]:
+        return {"snapshot": self._session_of(conn).snapshot()}
+
+    async def _cursor(self, conn: Connection, request: Request) -> None:
+        if conn.cursors.take() is None:
+            data = {k: v for k, v in request.data.items()
+                    if k in ("track_id", "plugin_id", "parameter_id", "position")}
+            data["user_id"] = conn.user_id
+            self._broadcast(self._session_of(conn), conn, "USER_CURSOR_UPDATE", data)
+        return None
+
+    async def _ping(self, conn: Connection, request: Request) -> dict[str, Any]:
+        return {"timestamp": now_iso()}
+
+    # == helpers ============================================================================
+    def _plugin(self, session: Session, request: Request) -> Plugin:
+        d = request.data
+        track_id = d.get("track_id")
+        if request.type == "UPDATE_PARAMETER" and not track_id:
+            return session.engine.plugin(d["plugin_id"])
+        return session.engine.plugin(d["plugin_id"], track_id)
+
+    @staticmethod
+    def _limit(window: SlidingWindow, name: str, n: int = 1) -> None:
+        wait = window.take(n)
+        if wait is not None:
+            raise RateLimited(name, wait)
+
+    def _draft(self, conn: Connection, action: str, entity_type: str, entity_id: str,
+               operation: str, details: dict[str, Any]) -> Any:
+        from .provenance import EventDraft
+
+        return EventDraft(
+            user_id=conn.user_id or "unknown", session_id=conn.session_id or "",
+            action=action, entity_type=entity_type, entity_id=entity_id, operation=operation,
+            details=details, plugin_id=details.get("plugin_id"),
+        )
+
+    def _param_draft(self, conn: Connection, plugin: Plugin, pid: str, value: float,
+                     previous: float | None, batch_id: str | None) -> Any:
+        details: dict[str, Any] = {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                                   "parameter_id": pid, "value": value,
+                                   "previous_value": previous}
+        if batch_id:
+            details["batch_id"] = batch_id
+        return self._draft(conn, "parameter_update", "parameter", f"{plugin.id}.{pid}",
+                           "update", details)
+
+    async def _record(self, conn: Connection, drafts: list[Any]) -> str | None:
+        """Append events durably; returns the last DAID (None when tracking is off)."""
+        if self.store is None or not self.config.enable_daid_tracking or not drafts:
+            return None
+        events = await self.store.append_many_async(drafts)
+        return str(events[-1].daid)
+
+    async def _record_or_undo(self, conn: Connection, plugin: Plugin,
+                              previous: dict[str, Any], drafts: list[Any]) -> str | None:
+        try:
+            return await self._record(conn, drafts)
+        except Exception:
+            restore = {k: v for k, v in previous.items() if v is not None}
+            plugin.update(restore)
+            raise
+
+    def _send(self, conn: Connection, message: dict[str, Any]) -> None:
+        if not conn.closed:
+            conn.send(message)
+
+    def _error(self, conn: Connection, exc: PluginlabError, request_id: str | None
+               ) -> dict[str, Any]:
+        message = envelope("ERROR", exc.to_payload(), msg_id=request_id or "",
+                           user_id=conn.user_id, session_id=conn.session_id)
+        message["id"] = request_id  # null when the frame could not be parsed
+        return message
+
+    def _broadcast(self, session: Session, sender: Connection, msg_type: str,
+                   data: dict[str, Any], user_id: str | None = None) -> None:
+        """Send to every member but ``sender`` (when session broadcasting is on)."""
+        if not self.config.enable_session_broadcasting:
+            return
+        message = envelope(msg_type, data, user_id=user_id or sender.user_id,
+                           session_id=session.id)
+        for member in list(session.members.values()):
+            if member is not sender:
+                self._send(member, message)
+
+    def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
+                      daid: str | None, parameters: dict[str, float] | None) -> None:
+        data: dict[str, Any] = {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                                "state": state, "changed_by": sender.user_id,
+                                "timestamp": now_iso(), "daid": daid}
+        if parameters is not None:
+            data["parameters"] = parameters
+        self._broadcast(session, sender, "PLUGIN_STATE_UPDATE", data)
+
+    def _relay(self, session: Session, sender: Connection, plugin: Plugin, key: tuple[str, str],
+               values: dict[str, float], daid: str | None, msg_type: str) -> None:
+        """Throttled parameter broadcast: the typed relay plus a PLUGIN_STATE_UPDATE."""
+        if not self.config.enable_session_broadcasting:
+            return
+
+        def fire(merged: dict[str, Any]) -> None:
+            if plugin.id not in session.engine.plugins:
+                return
+            if msg_type == "PLUGIN_PARAMETER":
+                (pid, value), = merged.items()
+                relay = {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                         "parameter_id": pid, "parameter_value": value, "success": True,
+                         "daid": daid}
+            else:
+                relay = {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                         "parameters": merged, "success": True, "daid": daid}
+            self._broadcast(session, sender, msg_type, relay)
+            self._state_update(session, sender, plugin, "updated", daid, merged)
+
+        session.throttle.submit(key, values, fire)
+
+
+def _batch_values(raw: Any) -> dict[str, Any]:
+    """``{id: value}`` or ``[{parameter_id, parameter_value}]`` -> dict (InvalidMessage if bad)."""
+    if isinstance(raw, dict):
+        if not raw:
+            raise InvalidMessage("must not be empty", "parameters")
+        return dict(raw)
+    values: dict[str, Any] = {}
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("parameter_id"), str) \
+                or "parameter_value" not in item:
+            raise InvalidMessage("items need parameter_id (string) and parameter_value",
+                                 "parameters")
+        values[item["parameter_id"]] = item["parameter_value"]
+    if not values:
+        raise InvalidMessage("must not be empty", "parameters")
+    return values
+
+
+def _peek_id(frame: str | bytes) -> str | None:
+    """Best-effort request id of a frame we refuse without parsing it fully."""
+    try:
+        body = loads_strict(frame)
+        value = body.get("id") if isinstance(body, dict) else None
+        return value if isinstance(value, str) else None
+    except Exception:
+        return None
+
