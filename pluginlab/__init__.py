@@ -8,18 +8,31 @@ Quick start::
     reverb = track.add("Reverb")
     reverb.wet_dry = 0.4
     audio = track.render(4.0)          # float32 (channels, samples)
+
+In a notebook, ``lab = await pluginlab.start()`` runs the collaborative server on the kernel's
+loop and ``lab.panel(plugin)`` shows sliders bound to it (see :mod:`pluginlab.lab`).
 """
 
 from __future__ import annotations
 
+from .client import Client, ClientError
+from .config import ServerConfig
 from .engine import Engine, Plugin, Track, builtin_names
 from .errors import ErrorCode, PluginlabError
+from .lab import Lab, start
 from .parameters import ParameterSpec
 from .presets import PresetLibrary
+from .server import PluginServer
 from .sources import Source
 from .vst import scan
 
 __all__ = [
+    "start",
+    "Lab",
+    "PluginServer",
+    "ServerConfig",
+    "Client",
+    "ClientError",
     "Engine",
     "Track",
     "Plugin",

@@ -1,0 +1,305 @@
+"""ipywidgets panels bound to plugins through the core.
+
+* :class:`PluginPanel`: one control per parameter (FloatSlider / IntSlider / Dropdown /
+  Checkbox) labelled with name, unit and display text, a bypass toggle, a preset dropdown with
+  save, and an "editing" marker fed by other users' USER_CURSOR_UPDATE.
+* :class:`TrackPanel`: the panels of a track's chain plus render-and-play (audio player,
+  waveform and spectrum).
+* :class:`PresencePanel`: who is in the session.
+
+Binding rules (two-way, no echo loops, no lost updates):
+
+* A user's move calls the lab (PLUGIN_PARAMETER through the core, on the lab's loop - the
+  callback may run on a subshell thread); a refused value puts the control back to the
+  engine's value and shows the error.
+* A change from elsewhere (a PLUGIN_STATE_UPDATE / relay broadcast) sets the control while an
+  origin flag is up, so the observer does not send it back; values are rounded to the control's
+  step first, because the browser would otherwise answer with its own rounded value.
+* Every ``observe`` has its ``unobserve`` in :meth:`PluginPanel.close`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import io
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as w
+import numpy as np
+
+from .engine import Plugin
+from .parameters import ParameterSpec
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+__all__ = ["PluginPanel", "TrackPanel", "PresencePanel", "control_for"]
+
+_REMOTE = contextvars.ContextVar("pluginlab_widget_remote", default=False)
+
+
+def control_for(spec: ParameterSpec, value: float) -> w.ValueWidget:
+    """The ipywidgets control for one parameter, at ``value``."""
+    style = {"description_width": "140px"}
+    layout = w.Layout(width="420px")
+    label = f"{spec.name}" + (f" ({spec.unit})" if spec.unit else "")
+    if spec.kind == "bool":
+        return w.Checkbox(value=value >= 0.5, description=label, style=style, indent=False)
+    if spec.kind == "choice" and spec.choices:
+        return w.Dropdown(options=[(c, i) for i, c in enumerate(spec.choices)],
+                          value=int(round(value)), description=label, style=style, layout=layout)
+    if spec.kind == "int":
+        return w.IntSlider(value=int(round(value)), min=int(spec.min), max=int(spec.max),
+                           step=int(spec.step or 1), description=label, style=style,
+                           layout=layout)
+    step = spec.step or (spec.max - spec.min) / 1000.0
+    decimals = max(0, min(4, -math.floor(math.log10(step) + 1e-9))) if step > 0 else 3
+    return w.FloatSlider(value=_on_step(value, spec.min, step), min=spec.min, max=spec.max,
+                         step=step, description=label, style=style, layout=layout,
+                         readout_format=f".{decimals}f", continuous_update=True)
+
+
+def _on_step(value: float, lo: float, step: float) -> float:
+    if step <= 0:
+        return value
+    return round(lo + round((value - lo) / step) * step, 10)
+
+
+class PluginPanel:
+    """Controls for one plugin. Display it (``display(panel)``) or use ``panel.widget``."""
+
+    def __init__(self, lab: Lab, plugin: Plugin) -> None:
+        self.lab = lab
+        self.plugin = plugin
+        values = plugin.values
+        self.controls: dict[str, w.ValueWidget] = {
+            pid: control_for(spec, values[pid]) for pid, spec in plugin.parameters.items()}
+        self.texts = {pid: w.HTML(self._text(pid)) for pid in self.controls}
+        self.editing = {pid: w.HTML("") for pid in self.controls}
+        self.bypass = w.ToggleButton(value=plugin.bypass, description="bypass", icon="power-off")
+        self.presets = w.Dropdown(options=[""] + plugin.presets(), description="preset")
+        self.preset_name = w.Text(placeholder="new preset name", layout=w.Layout(width="180px"))
+        self.save = w.Button(description="save preset")
+        self.status = w.HTML("")
+        self._observers: list[tuple[w.Widget, Callable[..., None], str]] = []
+        for pid, control in self.controls.items():
+            self._observe(control, self._make_handler(pid), "value")
+        self._observe(self.bypass, self._on_bypass, "value")
+        self._observe(self.presets, self._on_preset, "value")
+        self.save.on_click(self._on_save)
+        self._unlisten = lab.listen(self._on_message)
+        rows = [w.HBox([self.controls[p], self.texts[p], self.editing[p]]) for p in self.controls]
+        title = w.HTML(f"<b>{plugin.name}</b> <code>{plugin.id}</code> on "
+                       f"<code>{plugin.track_id}</code>")
+        header = w.HBox([title, self.bypass])
+        presets = w.HBox([self.presets, self.preset_name, self.save])
+        self.widget = w.VBox([header, *rows, presets, self.status],
+                             layout=w.Layout(border="1px solid #ddd", padding="6px"))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        """Disconnect every observer and listener, close the widgets."""
+        for widget, handler, name in self._observers:
+            widget.unobserve(handler, names=name)
+        self._observers.clear()
+        self._unlisten()
+        self.widget.close()
+
+    # -- user -> core ---------------------------------------------------------------------------
+    def _observe(self, widget: w.Widget, handler: Callable[..., None], name: str) -> None:
+        widget.observe(handler, names=name)
+        self._observers.append((widget, handler, name))
+
+    def _make_handler(self, pid: str) -> Callable[[dict[str, Any]], None]:
+        def handler(change: dict[str, Any]) -> None:
+            if _REMOTE.get():
+                return
+            value = change["new"]
+            value = float(value) if not isinstance(value, bool) else (1.0 if value else 0.0)
+            self.lab.submit(self._send(pid, value))
+        return handler
+
+    async def _send(self, pid: str, value: float) -> None:
+        try:
+            await self.lab.set(self.plugin, pid, value)
+            self.texts[pid].value = self._text(pid)
+            self.status.value = ""
+        except Exception as exc:  # shown in the panel, control put back
+            self.status.value = f"<span style='color:#b00'>{exc}</span>"
+            self._show(pid, self.plugin.get(pid))
+
+    def _on_bypass(self, change: dict[str, Any]) -> None:
+        if not _REMOTE.get():
+            self.lab.submit(self.lab.bypass(self.plugin, bool(change["new"])))
+
+    def _on_preset(self, change: dict[str, Any]) -> None:
+        if _REMOTE.get() or not change["new"]:
+            return
+
+        async def load() -> None:
+            try:
+                reply = await self.lab.preset(self.plugin, "load", change["new"])
+                self.apply(reply.get("parameters") or {})
+            except Exception as exc:
+                self.status.value = f"<span style='color:#b00'>{exc}</span>"
+
+        self.lab.submit(load())
+
+    def _on_save(self, _button: Any) -> None:
+        name = self.preset_name.value.strip()
+        if not name:
+            self.status.value = "give the preset a name first"
+            return
+
+        async def save() -> None:
+            try:
+                await self.lab.preset(self.plugin, "save", name)
+                with _remote():
+                    self.presets.options = [""] + self.plugin.presets()
+                self.status.value = f"saved preset {name!r}"
+            except Exception as exc:
+                self.status.value = f"<span style='color:#b00'>{exc}</span>"
+
+        self.lab.submit(save())
+
+    # -- core -> widgets ------------------------------------------------------------------------
+    def apply(self, values: dict[str, Any]) -> None:
+        """Show ``values`` (from elsewhere) without sending them back."""
+        for pid, value in values.items():
+            if pid in self.controls:
+                self._show(pid, float(value))
+
+    def _show(self, pid: str, value: float) -> None:
+        control = self.controls[pid]
+        spec = self.plugin.parameters[pid]
+        with _remote():
+            if isinstance(control, w.Checkbox):
+                control.value = value >= 0.5
+            elif isinstance(control, (w.Dropdown, w.IntSlider)):
+                control.value = int(round(value))
+            else:
+                control.value = _on_step(value, spec.min, float(control.step))
+        self.texts[pid].value = self._text(pid)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        data = message.get("data") or {}
+        if data.get("plugin_id") != self.plugin.id:
+            return
+        kind = message.get("type")
+        if kind in ("PLUGIN_STATE_UPDATE", "PLUGIN_PARAMETER_BATCH", "PLUGIN_PRESET"):
+            self.apply(data.get("parameters") or {})
+        elif kind == "PLUGIN_PARAMETER":
+            self.apply({data["parameter_id"]: data["parameter_value"]})
+        elif kind == "PLUGIN_BYPASS":
+            with _remote():
+                self.bypass.value = bool(data.get("bypass"))
+        elif kind == "USER_CURSOR_UPDATE":
+            user = data.get("user_id")
+            for pid, label in self.editing.items():
+                label.value = f"<i>✎ {user}</i>" if pid == data.get("parameter_id") else ""
+
+    def _text(self, pid: str) -> str:
+        return f"<code>{self.plugin.text(pid)}</code>" if self.plugin.kind == "builtin" else (
+            f"<code>{self.plugin.get(pid):.3f}</code>")
+
+
+class TrackPanel:
+    """A track's chain as panels, plus render-and-play with waveform and spectrum."""
+
+    def __init__(self, lab: Lab, track_id: str, seconds: float = 4.0) -> None:
+        self.lab = lab
+        self.track_id = track_id
+        self.panels = [PluginPanel(lab, p) for p in lab.engine.track(track_id).plugins]
+        self.seconds = w.FloatText(value=seconds, description="seconds",
+                                   layout=w.Layout(width="160px"))
+        self.button = w.Button(description="render & play", icon="play")
+        self.output = w.Output()
+        self.last_audio: np.ndarray | None = None
+        self.button.on_click(self._on_render)
+        self.widget = w.VBox([*[p.widget for p in self.panels],
+                              w.HBox([self.seconds, self.button]), self.output])
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        for panel in self.panels:
+            panel.close()
+        self.widget.close()
+
+    def _on_render(self, _button: Any) -> None:
+        self.lab.submit(self.render())
+
+    async def render(self) -> np.ndarray:
+        """Render the track, show an audio player and a waveform/spectrum figure."""
+        from IPython.display import Audio, Image
+
+        audio = await self.lab.render(float(self.seconds.value), self.track_id)
+        self.last_audio = audio
+        rate = self.lab.engine.sample_rate
+        self.output.clear_output()
+        self.output.append_display_data(Audio(audio, rate=rate))
+        self.output.append_display_data(Image(_overview_png(audio, rate)))
+        return audio
+
+
+def _overview_png(audio: np.ndarray, rate: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 2.6))
+    ax_wave, ax_spec = fig.subplots(1, 2)
+    t = np.arange(audio.shape[1]) / rate
+    ax_wave.plot(t, audio[0], linewidth=0.5)
+    ax_wave.set_xlabel("s")
+    ax_wave.set_title("waveform (left)")
+    spectrum = np.abs(np.fft.rfft(audio[0] * np.hanning(audio.shape[1]))) + 1e-12
+    freqs = np.fft.rfftfreq(audio.shape[1], 1 / rate)
+    ax_spec.semilogx(freqs[1:], 20 * np.log10(spectrum[1:] / spectrum.max()), linewidth=0.5)
+    ax_spec.set_xlabel("Hz")
+    ax_spec.set_ylim(-100, 5)
+    ax_spec.set_title("spectrum (dB)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
+
+
+class PresencePanel:
+    """Who is connected to the lab's session (updated live from PRESENCE)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.widget = w.HTML(self._html())
+        self._unlisten = lab.listen(self._on_message)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        self._unlisten()
+        self.widget.close()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "PRESENCE":
+            self.widget.value = self._html()
+
+    def _html(self) -> str:
+        users = ", ".join(sorted(self.lab.members)) or "(nobody)"
+        return f"<b>in session {self.lab.session_id}:</b> {users}"
+
+
+class _remote:
+    """Context manager raising the origin flag while widgets are set from elsewhere."""
+
+    def __enter__(self) -> None:
+        self._token = _REMOTE.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _REMOTE.reset(self._token)
