@@ -177,14 +177,17 @@ class Backend:
         self._pushed[uid] = {}
 
     def set_automation(self, uid: str, index: int, data: np.ndarray) -> None:
-        """Sample-rate automation for a Faust parameter (used by replay)."""
-        self._procs[uid].set_automation(self._info[uid].path_of[index], data.astype(np.float32))
+        """Audio-rate automation of one parameter (Faust: by path, binaries: by index).
+
+        DawDreamer applies Faust automation once per block (block-size resolution).
+        """
+        key = self._info[uid].path_of.get(index, index)
+        self._procs[uid].set_automation(key, np.ascontiguousarray(data, dtype=np.float32))
         self._pushed[uid].pop(index, None)
 
     def clear_automation(self, uid: str, index: int, value: float) -> None:
         """Replace automation by a constant (a one-sample automation holds its value)."""
-        path = self._info[uid].path_of[index]
-        self._procs[uid].set_automation(path, np.array([value], np.float32))
+        self.set_automation(uid, index, np.array([value], np.float32))
         self._pushed[uid][index] = value
 
     # -- rendering --------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class Backend:
             self._engine.load_graph(self._build_graph(live))
             self._graph_key = key
         self.rendered = True
-        self._engine.render(seconds)
+        # DawDreamer renders int(seconds * rate) samples: 0.57 s at 44.1 kHz would be one short.
+        self._engine.render((n + 0.5) / self.sample_rate)
         audio = np.asarray(self._engine.get_audio(), dtype=np.float32)
         if audio.shape[0] == 1:
             audio = np.vstack([audio, audio])

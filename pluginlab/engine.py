@@ -25,6 +25,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -321,7 +322,12 @@ class Engine:
     def add_track(self, track_id: str | None = None, source: Source | None = None) -> Track:
         """Create a track (or return the existing one, updating its source when given)."""
         with self._lock:
-            tid = track_id or f"track_{len(self._tracks) + 1}"
+            tid = track_id
+            if not tid:  # a fresh id: "track_<n>" may exist after removals
+                n = len(self._tracks) + 1
+                while f"track_{n}" in self._tracks:
+                    n += 1
+                tid = f"track_{n}"
             track = self._tracks.get(tid)
             if track is None:
                 track = self._tracks[tid] = Track(self, tid, source)
@@ -387,9 +393,11 @@ class Engine:
             specs = self._specs_for(effect, info)
         except PluginAddFailed:
             self._release_id(pid)
+            self._owner.call(self._discard_on_owner, recipe.uid)
             raise
         except Exception as exc:  # DawDreamer says RuntimeError("Unable to load plugin.") etc.
             self._release_id(pid)
+            self._owner.call(self._discard_on_owner, recipe.uid)
             raise PluginAddFailed(name, plugin_path, str(exc) or type(exc).__name__) from exc
         plugin = Plugin(
             self, plugin_id=pid, track_id=track_id, name=label, plugin_path=path,
@@ -463,16 +471,23 @@ class Engine:
         track_id: str | None = None,
         sample_rate: int | None = None,
         block_size: int | None = None,
+        automation: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> np.ndarray:
-        """Render one track (or all tracks mixed) for ``seconds``: float32 (channels, samples)."""
+        """Render one track (or all tracks mixed) for ``seconds``: float32 (channels, samples).
+
+        ``automation``: ``{plugin_id: {parameter_id: values per sample}}`` for this render only
+        (values are validated against the parameter's range; afterwards the plugin holds its
+        model value again).
+        """
         plan = self._render_plan(seconds, track_id, sample_rate, block_size)
-        return self._owner.call(self._render_on_owner, *plan)
+        autos = self._automation_plan(automation or {})
+        return self._owner.call(self._render_on_owner, *plan, autos)
 
     async def render_async(self, seconds: float, **kwargs: Any) -> np.ndarray:
         """:meth:`render` as an awaitable: the event loop keeps running meanwhile."""
         plan = self._render_plan(seconds, kwargs.get("track_id"), kwargs.get("sample_rate"),
                                  kwargs.get("block_size"))
-        return await self._owner.run(self._render_on_owner, *plan)
+        return await self._owner.run(self._render_on_owner, *plan, {})
 
     def write_wav(self, path: str | os.PathLike[str], audio: np.ndarray,
                   sample_rate: int | None = None) -> Path:
@@ -573,6 +588,12 @@ class Engine:
         values = [backend.read(recipe.uid, int(d["index"])) for d in info.description]
         return info, values
 
+    def _discard_on_owner(self, uid: str) -> None:
+        """Remove a processor whose plugin could not be added from every backend holding it."""
+        for backend in self._backends_snapshot():
+            if backend.has(uid):
+                backend.remove(uid)
+
     def _rebuild(self, key: tuple[int, int], extra: Recipe | None = None) -> Backend:
         """Replace a backend by a fresh one holding the same processors (owner thread).
 
@@ -654,23 +675,56 @@ class Engine:
                     values[p.recipe.uid] = {p._specs[k].index: v for k, v in p._values.items()}
         return graphs, values, float(seconds), sr, bs
 
+    def _automation_plan(
+        self, automation: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> dict[str, dict[int, np.ndarray]]:
+        """Validate automation against the specs; -> {uid: {index: float32 array}}."""
+        plan: dict[str, dict[int, np.ndarray]] = {}
+        for plugin_id, per_param in automation.items():
+            plugin = self.plugin(plugin_id)
+            for pid, data in per_param.items():
+                spec = plugin.spec(pid)
+                arr = np.asarray(data, dtype=np.float32)
+                if arr.ndim != 1 or arr.size == 0:
+                    raise InvalidParameter(pid, "array", "automation must be a non-empty 1-D array")
+                if not np.isfinite(arr).all():
+                    raise InvalidParameter(pid, "array", "automation values must be finite")
+                spec.validate(float(arr.min()))
+                spec.validate(float(arr.max()))
+                plan.setdefault(plugin.recipe.uid, {})[spec.index] = arr
+        return plan
+
     def _render_on_owner(
         self, graphs: list[TrackGraph], values: dict[str, dict[int, float]],
-        seconds: float, sr: int, bs: int,
+        seconds: float, sr: int, bs: int, automation: dict[str, dict[int, np.ndarray]],
     ) -> np.ndarray:
         backend = self._backend(sr, bs)
+        try:
+            return self._render_with(backend, graphs, values, seconds, automation)
+        except RuntimeError:  # the same DawDreamer 0.9.0 flake can surface at render time
+            backend = self._rebuild((sr, bs))
+            return self._render_with(backend, graphs, values, seconds, automation)
+
+    @staticmethod
+    def _render_with(
+        backend: Backend, graphs: list[TrackGraph], values: dict[str, dict[int, float]],
+        seconds: float, automation: dict[str, dict[int, np.ndarray]],
+    ) -> np.ndarray:
         for uid, vals in values.items():
             if backend.has(uid):
                 backend.push(uid, vals)
-        live = [g for g in graphs if all(backend.has(u) for u in g.plugins)]
+        for uid, per_index in automation.items():
+            for index, data in per_index.items():
+                backend.set_automation(uid, index, data)
+        # A plugin removed between planning and rendering is left out (not its whole track).
+        live = [replace(g, plugins=tuple(u for u in g.plugins if backend.has(u)))
+                for g in graphs]
         try:
             return backend.render(live, seconds)
-        except RuntimeError:  # the same DawDreamer 0.9.0 flake can surface at render time
-            backend = self._rebuild((sr, bs))
-            for uid, vals in values.items():
-                if backend.has(uid):
-                    backend.push(uid, vals)
-            return backend.render(live, seconds)
+        finally:
+            for uid, per_index in automation.items():
+                for index in per_index:
+                    backend.clear_automation(uid, index, values.get(uid, {}).get(index, 0.0))
 
     def _save_preset(self, plugin: Plugin, name: str) -> Path:
         if not isinstance(name, str) or not name.strip():

@@ -10,6 +10,7 @@ Anything that is not valid raises :class:`~pluginlab.errors.InvalidMessage` or
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ LEGACY_FIELDS = {
 }
 
 _STR = (str,)
+_MAX_INDEX = 2**31 - 1  # a chain position; larger ints cannot index a list
 # type -> {field: (allowed python types, required)}; values are checked, not coerced.
 _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "AUTH": {"token": ((str, type(None)), False), "user_id": ((str, type(None)), False),
@@ -87,8 +89,10 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                            "position": ((dict, type(None)), False)},
     "PING": {},
     "ADD_PLUGIN": {"track_id": (_STR, True), "name": (_STR, True),
-                   "plugin_path": ((str, type(None)), False)},
-    "UPDATE_PARAMETER": {"plugin_id": (_STR, True), "parameter_id": (_STR, True)},
+                   "plugin_path": ((str, type(None)), False),
+                   "plugin_id": ((str, type(None)), False), "index": ((int,), False)},
+    "UPDATE_PARAMETER": {"plugin_id": (_STR, True), "parameter_id": (_STR, True),
+                         "track_id": ((str, type(None)), False)},
 }
 
 
@@ -116,10 +120,29 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if math.isinf(value):  # e.g. 1e400: valid JSON syntax, but no finite double
+        raise ValueError(f"number out of range: {token[:40]}")
+    return value
+
+
+def _bounded_int(token: str) -> int:
+    value = int(token)
+    if len(token) > 300:  # cheap pre-check; only then test whether it fits a double
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"number out of range: {token[:40]}...") from None
+    return value
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """json.loads that refuses NaN/Infinity tokens and reports depth overflow as ValueError."""
+    """json.loads that refuses NaN/Infinity tokens and numbers beyond the range of a double
+    (they would become infinite), and reports depth overflow as ValueError."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
     except RecursionError:
         raise ValueError("nesting too deep") from None
 
@@ -181,6 +204,8 @@ def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             expected = "/".join(t.__name__ for t in types if t is not type(None))
             raise InvalidMessage(f"expected {expected}, got {type(value).__name__}", name)
+        if name == "index" and isinstance(value, int) and not -_MAX_INDEX <= value <= _MAX_INDEX:
+            raise InvalidMessage(f"out of range [-{_MAX_INDEX}, {_MAX_INDEX}]", name)
     if msg_type in ("PLUGIN_PARAMETER", "UPDATE_PARAMETER") and "parameter_value" not in data:
         raise InvalidMessage("required field missing", "parameter_value")
 

@@ -20,6 +20,7 @@ broadcasts. Contracts:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import uuid
@@ -35,6 +36,7 @@ from .errors import (
     InternalError,
     InvalidMessage,
     PluginlabError,
+    PresetLoadFailed,
     RateLimited,
     Unauthorized,
     UnknownMessageType,
@@ -50,6 +52,20 @@ log = logging.getLogger("pluginlab.session")
 Send = Callable[[dict[str, Any]], None]
 _conn_ids = itertools.count(1)
 
+
+class _Deferred:
+    """Broadcasts caused by the request being handled, held until its reply has been sent."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.items: list[tuple[Connection, dict[str, Any]]] = []
+
+
+# Per-request (per task context). A throttle timer created during a request copies this
+# context; by the time it fires the holder is closed, so the trailing edge is sent at once.
+_deferred: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar(
+    "pluginlab_deferred_broadcasts", default=None)
+
 PERMISSION_OF = {
     "PLUGIN_ADD": "plugin:add", "ADD_PLUGIN": "plugin:add", "PLUGIN_REMOVE": "plugin:remove",
     "PLUGIN_PARAMETER": "plugin:write", "UPDATE_PARAMETER": "plugin:write",
@@ -64,7 +80,8 @@ PRESET_PERMISSION = {"load": "plugin:write", "save": "plugin:write", "delete": "
 class Connection:
     """One client as the core sees it. ``send`` must not block (the transport queues)."""
 
-    def __init__(self, send: Send, address: str = "local", config: ServerConfig | None = None):
+    def __init__(self, send: Send, address: str = "local", config: ServerConfig | None = None,
+                 *, limited: bool = True):
         cfg = config or ServerConfig()
         self.id = f"conn_{next(_conn_ids)}"
         self.send = send
@@ -72,7 +89,7 @@ class Connection:
         self.identity: Identity | None = None
         self.session_id: str | None = None
         self.closed = False
-        on = cfg.rate_limits
+        on = cfg.rate_limits and limited
         self.messages = SlidingWindow(cfg.messages_per_second if on else 0)
         self.plugin_ops = SlidingWindow(cfg.plugin_ops_per_second if on else 0)
         self.cursors = SlidingWindow(cfg.cursor_updates_per_second if on else 0)
@@ -143,9 +160,10 @@ class Studio:
         }
 
     # == doors ==============================================================================
-    def connect(self, send: Send, address: str = "local") -> Connection:
-        """Register a new client; returns its connection."""
-        conn = Connection(send, address, self.config)
+    def connect(self, send: Send, address: str = "local", *, limited: bool = True) -> Connection:
+        """Register a new client; returns its connection. ``limited=False`` exempts a trusted
+        in-process door (the notebook's own widgets) from rate limits."""
+        conn = Connection(send, address, self.config, limited=limited)
         self.connections[conn.id] = conn
         return conn
 
@@ -158,6 +176,8 @@ class Studio:
     async def receive(self, conn: Connection, frame: str | bytes) -> None:
         """Handle one wire frame: rate limit, parse, dispatch, reply (or ERROR)."""
         request_id: str | None = None
+        deferred = _Deferred()
+        token = _deferred.set(deferred)
         try:
             wait = conn.messages.take()
             if wait is not None:
@@ -169,10 +189,16 @@ class Studio:
             if reply is not None:
                 self._send(conn, reply)
         except PluginlabError as exc:
-            self._send(conn, self._error(conn, exc, request_id))
+            # a frame refused by the parser still gets its id echoed when it has a readable one
+            self._send(conn, self._error(conn, exc, request_id or _peek_id(frame)))
         except Exception:
             log.exception("internal error handling a message from %s", conn.id)
             self._send(conn, self._error(conn, InternalError(), request_id))
+        finally:
+            _deferred.reset(token)
+            deferred.open = False
+            for member, message in deferred.items:
+                self._send(member, message)
 
     async def execute(self, conn: Connection, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
         """Python door: run one request and return its reply data (raises PluginlabError).
@@ -255,9 +281,13 @@ class Studio:
             raise InvalidMessage("must be a non-empty string", "session_id")
         if not identity.may_join(session_id):
             self._fail(conn, AuthFailed("session not allowed"))
+        # legacy_user / anonymous_user are shared placeholders, not one person: the
+        # per-user connection cap would let only 5 old clients in, so it does not apply
+        shared = anonymous_user is not None or (token in (None, "")
+                                                and self.config.allow_anonymous)
         others = sum(1 for c in self.connections.values()
                      if c is not conn and c.authenticated and c.user_id == identity.user_id)
-        if others >= self.config.connections_per_user > 0:
+        if not shared and others >= self.config.connections_per_user > 0:
             raise AuthFailed("too many connections", limit=self.config.connections_per_user)
         if self.auth is not None:
             self.auth.record_success(conn.address)
@@ -449,10 +479,16 @@ class Studio:
         if action == "delete":
             if not name:
                 raise InvalidMessage("required for delete", "preset_name")
-            plugin.delete_preset(name)
+            # check first, record, then delete: a deletion that cannot be recorded never happens
+            existing = self.presets.get(plugin.preset_key, name)
+            if existing is None:
+                raise PresetLoadFailed(plugin.id, f"unknown preset {name!r}")
+            if existing.factory:
+                raise PresetLoadFailed(plugin.id, f"factory preset {name!r} is read-only")
             daid = await self._record(conn, [self._draft(
                 conn, "preset_delete", "preset", f"{plugin.preset_key}/{name}", "delete",
                 {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name})])
+            plugin.delete_preset(name)
             return {**base, "preset_name": name, "daid": daid}
         if action != "load":
             raise InvalidMessage("expected load, save, list or delete", "action")
@@ -559,9 +595,13 @@ class Studio:
             return
         message = envelope(msg_type, data, user_id=user_id or sender.user_id,
                            session_id=session.id)
+        deferred = _deferred.get()
         for member in list(session.members.values()):
             if member is not sender:
-                self._send(member, message)
+                if deferred is not None and deferred.open:
+                    deferred.items.append((member, message))  # after the sender's reply
+                else:
+                    self._send(member, message)
 
     def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
                       daid: str | None, parameters: dict[str, float] | None) -> None:
@@ -618,7 +658,9 @@ def _peek_id(frame: str | bytes) -> str | None:
     try:
         body = loads_strict(frame)
         value = body.get("id") if isinstance(body, dict) else None
-        return value if isinstance(value, str) else None
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+            return None
+        return str(value)  # as parse() would have it
     except Exception:
         return None
 

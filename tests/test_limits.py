@@ -1,0 +1,213 @@
+"""Rate limits (:class:`SlidingWindow`, fake clock) and the broadcast :class:`Throttle`.
+
+The throttle runs on a real event loop with short windows; assertions count what fired and
+with which values, never how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pluginlab.limits import SlidingWindow, Throttle
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- SlidingWindow -------------------------------------------------------------------------
+
+def test_allows_up_to_the_limit_then_says_how_long_to_wait() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(3, 1.0, clock=clock)
+    assert [window.take() for _ in range(3)] == [None, None, None]
+    assert window.take() == pytest.approx(1.0)
+    clock.now += 0.25
+    assert window.take() == pytest.approx(0.75)
+    clock.now += 0.75
+    assert window.take() is None  # the first three have left the window
+
+
+def test_window_slides_one_entry_at_a_time() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(2, 1.0, clock=clock)
+    assert window.take() is None
+    clock.now += 0.5
+    assert window.take() is None
+    assert window.take() == pytest.approx(0.5)  # waits for the first entry only
+    clock.now += 0.5
+    assert window.take() is None
+    assert window.take() == pytest.approx(0.5)
+
+
+def test_refused_takes_are_not_recorded() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(2, 1.0, clock=clock)
+    window.take(2)
+    for _ in range(100):
+        assert window.take() is not None
+    clock.now += 1.0
+    assert window.take(2) is None
+
+
+def test_taking_several_units_at_once() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(5, 1.0, clock=clock)
+    assert window.take(3) is None
+    assert window.take(3) == pytest.approx(1.0)  # 3 + 3 > 5; nothing recorded
+    assert window.take(2) is None
+    assert window.take(6) == 1.0  # more than the limit can never pass; wait a whole window
+    clock.now += 2
+    assert window.take(5) is None
+
+
+def test_retry_after_is_always_positive() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(1, 1.0, clock=clock)
+    window.take()
+    clock.now += 0.99999999
+    wait = window.take()
+    assert wait is not None and wait > 0
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_zero_or_negative_limit_means_unlimited(limit: int) -> None:
+    window = SlidingWindow(limit, 1.0, clock=FakeClock())
+    assert all(window.take(1000) is None for _ in range(1000))
+
+
+def test_default_clock_is_monotonic() -> None:
+    window = SlidingWindow(1)
+    assert window.take() is None
+    assert window.take() is not None
+
+
+# -- Throttle ------------------------------------------------------------------------------
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.fired: list[dict[str, Any]] = []
+
+    def __call__(self, values: dict[str, Any]) -> None:
+        self.fired.append(values)
+
+
+def test_leading_edge_fires_at_once() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)  # a window far longer than the test
+        rec = Recorder()
+        throttle.submit("k", {"x": 1}, rec)
+        assert rec.fired == [{"x": 1}]  # synchronously, no waiting for the window
+        throttle.flush()
+
+    run(scenario())
+
+
+def test_burst_is_coalesced_and_the_last_value_is_delivered() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(0.05)
+        rec = Recorder()
+        for i in range(200):
+            throttle.submit("k", {"x": i}, rec)
+        assert rec.fired == [{"x": 0}]
+        while len(rec.fired) < 2:
+            await asyncio.sleep(0.01)
+        assert rec.fired == [{"x": 0}, {"x": 199}]
+        await asyncio.sleep(0.15)  # the trailing edge reopened a window, which ends quietly
+        assert rec.fired == [{"x": 0}, {"x": 199}]
+        throttle.submit("k", {"x": 500}, rec)  # quiet again: leading edge
+        assert rec.fired[-1] == {"x": 500}
+        throttle.flush()
+
+    run(scenario())
+
+
+def test_pending_values_are_merged_per_key() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        rec = Recorder()
+        throttle.submit("k", {"a": 1}, rec)
+        throttle.submit("k", {"b": 2}, rec)
+        throttle.submit("k", {"a": 3}, rec)
+        throttle.flush()
+        assert rec.fired == [{"a": 1}, {"a": 3, "b": 2}]
+
+    run(scenario())
+
+
+def test_keys_are_independent() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        rec = Recorder()
+        throttle.submit(("p1", "x"), {"x": 1}, rec)
+        throttle.submit(("p1", "y"), {"y": 1}, rec)
+        throttle.submit(("p2", "x"), {"x": 9}, rec)
+        assert rec.fired == [{"x": 1}, {"y": 1}, {"x": 9}]
+        throttle.submit(("p1", "x"), {"x": 2}, rec)
+        assert len(rec.fired) == 3
+        throttle.flush()
+        assert rec.fired[-1] == {"x": 2}
+
+    run(scenario())
+
+
+def test_the_latest_callback_is_used_for_the_trailing_edge() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        first, second = Recorder(), Recorder()
+        throttle.submit("k", {"x": 1}, first)
+        throttle.submit("k", {"x": 2}, second)
+        throttle.flush()
+        assert first.fired == [{"x": 1}] and second.fired == [{"x": 2}]
+
+    run(scenario())
+
+
+def test_flush_without_pending_values_fires_nothing_and_cancels_timers() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(0.02)
+        rec = Recorder()
+        throttle.submit("k", {"x": 1}, rec)
+        throttle.flush()
+        await asyncio.sleep(0.08)
+        assert rec.fired == [{"x": 1}]
+        throttle.submit("k", {"x": 2}, rec)  # window closed by flush: leading edge
+        assert rec.fired == [{"x": 1}, {"x": 2}]
+        throttle.flush()
+
+    run(scenario())
+
+
+def test_zero_window_fires_every_submission() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(0)
+        rec = Recorder()
+        for i in range(10):
+            throttle.submit("k", {"x": i}, rec)
+        assert rec.fired == [{"x": i} for i in range(10)]
+
+    run(scenario())
+
+
+def test_fired_values_are_copies() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        rec = Recorder()
+        values = {"x": 1}
+        throttle.submit("k", values, rec)
+        values["x"] = 2
+        assert rec.fired == [{"x": 1}]
+        throttle.flush()
+
+    run(scenario())

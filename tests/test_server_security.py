@@ -1,0 +1,415 @@
+"""Security of the real server: authentication, authorization, session isolation, handshake.
+
+Every client of these tests connects from 127.0.0.1, so tests that make AUTH fail on purpose
+raise ``auth_max_failures`` (or test the blocking itself on a server of their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from server_helpers import SECRET, clients, connect, error_of, run, serving, settle
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from pluginlab.client import Client, ClientError
+
+MANY = 1000  # auth_max_failures for servers where failing on purpose must not block
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(payload).encode())
+    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+def claims(user: str = "alice", **extra: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"sub": user, "iat": now, "exp": now + 600, **extra}
+
+
+async def auth_error(client: Client, token: Any, **data: Any) -> dict[str, Any]:
+    payload = {"token": token, **data} if token is not None else dict(data)
+    err = await error_of(client.request("AUTH", payload))
+    assert err.code == "AUTH_FAILED", err
+    assert isinstance(err.details, dict)
+    return err.details
+
+
+@pytest.fixture(scope="module")
+def rsa_pem() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
+# -- authentication ------------------------------------------------------------------------
+
+def test_auth_failures_and_their_reasons(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, auth_max_failures=MANY) as server, \
+                AsyncExitStack() as stack:
+            c = await connect(server, stack=stack)
+            assert (await auth_error(c, "not-a-jwt"))["reason"].startswith("invalid token")
+            assert (await auth_error(c, None))["reason"] == "missing token"
+            assert (await auth_error(c, ""))["reason"] == "missing token"
+            expired = jwt.encode({"sub": "alice", "exp": int(time.time()) - 3600}, SECRET,
+                                 algorithm="HS256")
+            assert (await auth_error(c, expired))["reason"] == "token expired"
+            assert (await auth_error(c, server.token("alice", lifetime=-600)))["reason"] == \
+                "token expired"
+            wrong_key = jwt.encode(claims(), "another-secret-another-secret-another-secret",
+                                   algorithm="HS256")
+            assert (await auth_error(c, wrong_key))["reason"] == "bad signature"
+            unsigned = jwt.encode(claims(), None, algorithm="none")
+            assert (await auth_error(c, unsigned))["reason"] == "token algorithm not allowed"
+            no_exp = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
+            assert (await auth_error(c, no_exp))["reason"] == "token lacks claim 'exp'"
+            mismatch = await auth_error(c, server.token("alice"), user_id="mallory")
+            assert mismatch["reason"] == "user_id does not match token subject"
+            # still unauthenticated, still connected
+            err = await error_of(c.session_state())
+            assert err.code == "UNAUTHORIZED"
+            assert (await c.ping())["type"] == "PONG"
+            ok = await c.authenticate(server.token("alice"), user_id="alice", session_id="s")
+            assert ok["user_id"] == "alice"
+
+    run(scenario())
+
+
+def test_unauthorized_before_auth(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, AsyncExitStack() as stack:
+            c = await connect(server, stack=stack)
+            for msg_type, data in (("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}),
+                                   ("SESSION_STATE_GET", {}),
+                                   ("USER_CURSOR_UPDATE", {"track_id": "t"}),
+                                   ("UPDATE_PARAMETER", {"pluginId": "p", "parameterId": "x",
+                                                         "value": 1})):
+                err = await error_of(c.request(msg_type, data))
+                assert err.code == "UNAUTHORIZED"
+                assert err.details == {"required_permission": None}
+            assert (await c.ping())["type"] == "PONG"
+
+    run(scenario())
+
+
+def test_too_many_connections_for_one_user(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, AsyncExitStack() as stack:
+            five = [await connect(server, "alice", "jam", stack=stack) for _ in range(5)]
+            sixth = await connect(server, stack=stack)
+            details = await auth_error(sixth, server.token("alice"), session_id="jam")
+            assert details["reason"] == "too many connections" and details["limit"] == 5
+            # another user is not affected
+            assert (await (await connect(server, "bob", "jam", stack=stack)).ping())
+            # once one of alice's connections is gone, the sixth may join
+            await five[0].close()
+            for _ in range(200):
+                try:
+                    await sixth.authenticate(server.token("alice"), session_id="jam")
+                    break
+                except ClientError as exc:
+                    assert exc.details["reason"] == "too many connections"
+                    await asyncio.sleep(0.02)
+            assert sixth.user_id == "alice"
+
+    run(scenario())
+
+
+def test_repeated_failures_block_the_address(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, auth_max_failures=3, auth_block_seconds=600) as server, \
+                AsyncExitStack() as stack:
+            insider = await connect(server, "alice", "jam", stack=stack)
+            attacker = await connect(server, stack=stack)
+            for _ in range(3):
+                assert (await auth_error(attacker, "forged.token.here"))["reason"] != "blocked"
+            details = await auth_error(attacker, "forged.token.here")
+            assert details["reason"] == "blocked"
+            assert 0 < details["retry_after"] <= 600
+            # a valid token from the blocked address, on any connection, is refused too
+            details = await auth_error(attacker, server.token("carol"))
+            assert details["reason"] == "blocked"
+            fresh = await connect(server, stack=stack)
+            assert (await auth_error(fresh, server.token("dave")))["reason"] == "blocked"
+            # ... and so is a handshake token
+            with pytest.raises(InvalidStatus) as info:
+                await Client(server.url, token=server.token("erin")).connect()
+            assert info.value.response.status_code == 401
+            # already authenticated connections are not affected
+            assert (await insider.add_plugin("t", "Reverb"))["success"] is True
+            assert (await attacker.ping())["type"] == "PONG"
+
+    run(scenario())
+
+
+def test_a_success_resets_the_failure_count(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, auth_max_failures=3) as server, AsyncExitStack() as stack:
+            c = await connect(server, stack=stack)
+            for _ in range(5):
+                await auth_error(c, "bad.token.x")
+                await auth_error(c, "bad.token.y")
+                await c.authenticate(server.token("alice"), session_id="s")
+            assert c.user_id == "alice"
+
+    run(scenario())
+
+
+# -- authorization -------------------------------------------------------------------------
+
+def test_sessions_claim(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, auth_max_failures=MANY) as server, \
+                AsyncExitStack() as stack:
+            token = server.token("alice", sessions=["first", "second"])
+            c = await connect(server, stack=stack)
+            assert (await c.authenticate(token))["session_id"] == "first"
+            assert (await c.authenticate(token, session_id="second"))["session_id"] == "second"
+            details = await auth_error(c, token, session_id="third")
+            assert details == {"reason": "session not allowed"}
+            assert c.session_id == "second"  # the failed AUTH changed nothing
+            assert (await c.session_state())["session_id"] == "second"
+            # at the handshake: ERROR then close (the token itself is valid)
+            async with ws_connect(f"{server.url}?token={token}&session_id=third",
+                                  proxy=None) as raw:
+                message = json.loads(await raw.recv())
+                assert message["type"] == "ERROR"
+                assert message["data"]["code"] == "AUTH_FAILED"
+                assert message["data"]["details"]["reason"] == "session not allowed"
+                with pytest.raises(ConnectionClosed) as info:
+                    await raw.recv()
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+
+    run(scenario())
+
+
+def test_permissions_claim_is_enforced_per_message_type(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, AsyncExitStack() as stack:
+            owner = await connect(server, "owner", "jam", stack=stack)
+            pid = (await owner.add_plugin("t", "Reverb"))["plugin_id"]
+            reader = await connect(server, "reader", "jam", stack=stack,
+                                   permissions=["plugin:read"])
+            base = {"track_id": "t", "plugin_id": pid}
+            refused = {
+                "PLUGIN_PARAMETER": ({**base, "parameter_id": "wet_dry",
+                                      "parameter_value": 0.9}, "plugin:write"),
+                "plugin.parameter": ({**base, "parameter_id": "wet_dry",
+                                      "parameter_value": 0.9}, "plugin:write"),
+                "PLUGIN_PARAMETER_BATCH": ({**base, "parameters": {"wet_dry": 0.9}},
+                                           "plugin:write"),
+                "PLUGIN_BYPASS": ({**base, "bypass": True}, "plugin:write"),
+                "PLUGIN_ADD": ({"track_id": "t", "name": "Reverb"}, "plugin:add"),
+                "ADD_PLUGIN": ({"trackId": "t", "pluginName": "Reverb"}, "plugin:add"),
+                "UPDATE_PARAMETER": ({"pluginId": pid, "parameterId": "wet_dry", "value": 1},
+                                     "plugin:write"),
+                "PLUGIN_REMOVE": (base, "plugin:remove"),
+            }
+            for msg_type, (data, permission) in refused.items():
+                err = await error_of(reader.request(msg_type, data))
+                assert err.code == "UNAUTHORIZED", msg_type
+                assert err.details == {"required_permission": permission}
+            for action in ("load", "save", "delete"):
+                err = await error_of(reader.preset("t", pid, action, "Large Hall"))
+                assert err.details == {"required_permission": "plugin:write"}
+            allowed = await reader.get_parameters("t", pid)
+            assert allowed["parameters"]["wet_dry"] == pytest.approx(0.3)  # nothing changed
+            assert (await reader.session_state())["tracks"]["t"][0]["bypass"] is False
+            assert "Large Hall" in (await reader.preset("t", pid, "list"))["presets"]
+            await reader.cursor(track_id="t")
+            assert (await owner.wait_for("USER_CURSOR_UPDATE"))["user_id"] == "reader"
+            # a scope string works the same way; plugin:add alone cannot change values
+            adder = await connect(server, stack=stack)
+            await adder.authenticate(jwt.encode(claims("adder", scope="plugin:add plugin:read"),
+                                                SECRET, algorithm="HS256"), session_id="jam")
+            assert (await adder.add_plugin("t", "Utility"))["success"] is True
+            err = await error_of(adder.set_parameter("t", pid, "wet_dry", 0.1))
+            assert err.details == {"required_permission": "plugin:write"}
+
+    run(scenario())
+
+
+def test_rs256_public_key_and_hs_rs_confusion(tmp_path: Path, rsa_pem: tuple[str, str]) -> None:
+    private, public = rsa_pem
+    pem_file = tmp_path / "public.pem"
+    pem_file.write_text(public)
+
+    async def scenario() -> None:
+        for key_option in (str(pem_file), public):  # a path or the PEM text itself
+            async with serving(tmp_path / f"srv{len(key_option)}", jwt_secret=None,
+                               jwt_public_key=key_option, auth_max_failures=MANY) as server, \
+                    AsyncExitStack() as stack:
+                c = await connect(server, stack=stack)
+                forged = forge_hs256(claims("mallory"), public.encode())
+                assert (await auth_error(c, forged))["reason"] == "token algorithm not allowed"
+                hs = jwt.encode(claims(), SECRET, algorithm="HS256")
+                assert (await auth_error(c, hs))["reason"] == "token algorithm not allowed"
+                good = jwt.encode(claims("alice"), private, algorithm="RS256")
+                data = await c.authenticate(good, session_id="jam")
+                assert data["user_id"] == "alice"
+                with pytest.raises(InvalidStatus) as info:  # forged token at the handshake
+                    await Client(server.url, token=forged).connect()
+                assert info.value.response.status_code == 401
+                shaken = await Client(server.url, token=good, session_id="jam").connect()
+                stack.push_async_callback(shaken.close)
+                hello = await shaken.wait_for("AUTH_SUCCESS")
+                assert hello["data"]["user_id"] == "alice"
+
+    run(scenario())
+
+
+# -- isolation -----------------------------------------------------------------------------
+
+def test_spoofed_user_and_session_in_the_envelope_are_ignored(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b), \
+                clients(server, "mallory", session="other") as (m,):
+            reply = await a.request("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"},
+                                    user_id="mallory", session_id="other")
+            assert reply["user_id"] == "alice" and reply["session_id"] == "jam"
+            pid = reply["data"]["plugin_id"]
+            await a.request("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": pid,
+                                                 "parameter_id": "wet_dry",
+                                                 "parameter_value": 0.8},
+                            user_id="mallory", session_id="other")
+            update = await b.wait_for("PLUGIN_STATE_UPDATE",
+                                      lambda x: x["data"]["state"] == "updated")
+            assert update["user_id"] == "alice" and update["data"]["changed_by"] == "alice"
+            assert update["session_id"] == "jam"
+            # the data may not smuggle them in either
+            await a.cursor(track_id="t", user_id="mallory")
+            cursor = await b.wait_for("USER_CURSOR_UPDATE")
+            assert cursor["data"]["user_id"] == "alice" and cursor["user_id"] == "alice"
+            await settle(a)
+            await settle(m)
+            assert m.received() == []  # nothing reached the other session
+            assert (await m.session_state())["tracks"] == {}
+            assert server.store is not None
+            assert {e.user_id for e in server.store.events("jam")} == {"alice", "bob"}
+            assert [e.action for e in server.store.events("other")] == ["auth"]
+
+    run(scenario())
+
+
+def test_other_sessions_objects_do_not_exist(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice") as (a,), \
+                clients(server, "eve", session="B") as (e,):
+            pid = (await a.add_plugin("secret_track", "Reverb", plugin_id="shared_id"))[
+                "plugin_id"]
+            base = {"track_id": "secret_track", "plugin_id": pid}
+            attempts = [
+                e.get_parameters("secret_track", pid),
+                e.set_parameter("secret_track", pid, "wet_dry", 1.0),
+                e.set_parameters("secret_track", pid, {"wet_dry": 1.0}),
+                e.set_bypass("secret_track", pid, True),
+                e.preset("secret_track", pid, "load", "Large Hall"),
+                e.remove_plugin("secret_track", pid),
+            ]
+            for attempt in attempts:
+                err = await error_of(attempt)
+                assert err.code == "TRACK_NOT_FOUND"
+                assert err.details == {"track_id": "secret_track"}
+            # legacy UPDATE_PARAMETER has no track: the plugin simply does not exist
+            err = await error_of(e.request("UPDATE_PARAMETER", {
+                "pluginId": pid, "parameterId": "wet_dry", "value": 1.0}))
+            assert err.code == "PLUGIN_NOT_FOUND"
+            # B may have a track of the same name: the plugin still does not exist there
+            await e.add_plugin("secret_track", "Utility")
+            err = await error_of(e.get_parameters("secret_track", pid))
+            assert err.code == "PLUGIN_NOT_FOUND"
+            assert err.details == {"plugin_id": pid, "track_id": "secret_track"}
+            # plugin ids are per session: B can use the same id for its own plugin
+            mine = await e.add_plugin("secret_track", "Delay", plugin_id="shared_id")
+            assert mine["plugin_id"] == "shared_id"
+            await e.set_parameter("secret_track", "shared_id", "mix", 0.1)
+            await settle(e)
+            await settle(a)
+            assert a.received() == []  # none of B's broadcasts reached A
+            assert e.received() == []  # and none of A's reached B
+            got = await a.get_parameters(**base)
+            assert got["name"] == "Reverb" and got["parameters"]["wet_dry"] == pytest.approx(0.3)
+            assert got["bypass"] is False
+
+    run(scenario())
+
+
+# -- handshake -----------------------------------------------------------------------------
+
+def test_handshake_token_in_query_or_header(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice") as (a,):
+            q = await Client(server.url, token=server.token("bob"), session_id="jam").connect()
+            h = await Client(server.url, additional_headers={
+                "Authorization": f"Bearer {server.token('carol')}",
+                "Session-Id": "jam"}).connect()
+            fresh = await Client(server.url, token=server.token("dave")).connect()
+            try:
+                for client, user in ((q, "bob"), (h, "carol")):
+                    hello = await client.wait_for("AUTH_SUCCESS")
+                    assert hello["data"]["user_id"] == user
+                    assert hello["data"]["session_id"] == "jam"
+                    assert hello["session_id"] == "jam"
+                    assert user in hello["data"]["snapshot"]["members"]
+                    # no AUTH needed: straight to work
+                    done = await client.add_plugin("t", "Reverb")
+                    assert done["success"] is True
+                hello = await fresh.wait_for("AUTH_SUCCESS")
+                assert hello["data"]["session_id"].startswith("session_")  # generated
+                joined = {m["data"]["user_id"] for m in a.received("PRESENCE")}
+                assert joined >= {"bob", "carol"} and "dave" not in joined
+            finally:
+                for client in (q, h, fresh):
+                    await client.close()
+
+    run(scenario())
+
+
+def test_bad_handshake_token_is_http_401_and_other_paths_404(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, auth_max_failures=MANY) as server:
+            for url in (f"{server.url}?token=garbage",
+                        f"{server.url}?token={jwt.encode(claims(), 'wrong-key-wrong-key-wrong-key-wrong-key', algorithm='HS256')}",
+                        f"{server.url}?token={jwt.encode(claims(), None, algorithm='none')}"):
+                with pytest.raises(InvalidStatus) as info:
+                    async with ws_connect(url, proxy=None):
+                        pass
+                assert info.value.response.status_code == 401
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(server.url, proxy=None, additional_headers={
+                        "Authorization": "Bearer nonsense"}):
+                    pass
+            assert info.value.response.status_code == 401
+            base = server.url.rsplit("/", 1)[0]
+            for path in ("/", "/other", "/ws/extra", "/WS"):
+                with pytest.raises(InvalidStatus) as info:
+                    async with ws_connect(base + path, proxy=None):
+                        pass
+                assert info.value.response.status_code == 404
+            async with ws_connect(server.url + "?unrelated=1", proxy=None) as ws:
+                await ws.send('{"type": "PING", "id": "1"}')
+                assert json.loads(await ws.recv())["type"] == "PONG"
+
+    run(scenario())

@@ -1,0 +1,480 @@
+"""The core :class:`pluginlab.session.Studio`, driven WITHOUT sockets.
+
+Each client is ``studio.connect(outbox.append)``: whatever the core sends lands in a list.
+Frames go in through ``await studio.receive(conn, json_text)`` (the wire path) or
+``await studio.execute(conn, type, data)`` (the Python path). That these tests need no
+transport at all is the proof that the core is sans-I/O.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pluginlab.auth import AuthConfig, Authenticator
+from pluginlab.config import ServerConfig
+from pluginlab.errors import PluginlabError, PluginNotFound, Unauthorized
+from pluginlab.provenance import ProvenanceStore
+from pluginlab.session import Connection, Studio
+
+SECRET = "session-test-secret-" + "0123456789abcdef" * 3
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Peer:
+    """One client of the core: its connection and everything the core sent it."""
+
+    def __init__(self, studio: Studio, name: str, log: list[tuple[str, dict[str, Any]]]):
+        self.studio = studio
+        self.name = name
+        self.outbox: list[dict[str, Any]] = []
+        self._log = log
+        self._ids = 0
+
+        def send(message: dict[str, Any]) -> None:
+            json.dumps(message, allow_nan=False)  # everything the core sends is strict JSON
+            self.outbox.append(message)
+            log.append((name, message))
+
+        self.conn: Connection = studio.connect(send)
+
+    async def frame(self, text: str) -> dict[str, Any]:
+        """Feed a raw frame; return the one message it caused on this connection."""
+        before = len(self.outbox)
+        await self.studio.receive(self.conn, text)
+        mine = self.outbox[before:]
+        assert len(mine) == 1, mine
+        return mine[0]
+
+    async def send(self, msg_type: str, data: dict[str, Any] | None = None,
+                   **envelope: Any) -> dict[str, Any]:
+        self._ids += 1
+        body = {"id": f"{self.name}_{self._ids}", "type": msg_type, "data": data or {},
+                **envelope}
+        reply = await self.frame(json.dumps(body))
+        if "id" in body and reply["type"] != "ERROR":
+            assert reply["id"] == body["id"]
+        return reply
+
+    async def ok(self, msg_type: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = await self.send(msg_type, data)
+        assert reply["type"] != "ERROR", reply
+        return reply["data"]
+
+    async def error(self, msg_type: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = await self.send(msg_type, data)
+        assert reply["type"] == "ERROR", reply
+        return reply["data"]
+
+    def received(self, msg_type: str) -> list[dict[str, Any]]:
+        return [m for m in self.outbox if m["type"] == msg_type]
+
+
+class Rig:
+    def __init__(self, studio: Studio, store: Any) -> None:
+        self.studio = studio
+        self.store = store
+        self.log: list[tuple[str, dict[str, Any]]] = []
+        self.auth = studio.auth
+
+    def token(self, user: str, **kwargs: Any) -> str:
+        assert self.auth is not None
+        return self.auth.issue(user, **kwargs)
+
+    async def peer(self, name: str, session: str | None = "jam", **token_kwargs: Any) -> Peer:
+        peer = Peer(self.studio, name, self.log)
+        if session is not None:
+            await peer.ok("AUTH", {"token": self.token(name, **token_kwargs),
+                                   "session_id": session})
+        return peer
+
+
+@asynccontextmanager
+async def studio_rig(tmp_path: Path, store: Any = "real", **cfg: Any) -> AsyncIterator[Rig]:
+    config = ServerConfig(db=None, presets_dir=str(tmp_path / "presets"), jwt_secret=SECRET,
+                          **cfg)
+    own = store == "real"
+    if own:
+        store = ProvenanceStore(str(tmp_path / "core.sqlite"))
+    auth = Authenticator(AuthConfig(secret=SECRET, max_failures=config.auth_max_failures))
+    studio = Studio(config, store=store, authenticator=auth)
+    try:
+        yield Rig(studio, store)
+    finally:
+        await studio.close()
+        if own:
+            store.close()
+
+
+def _imports(module: str) -> set[str]:
+    """Modules imported by ``pluginlab.<module>`` (absolute names; relative ones resolved)."""
+    tree = ast.parse((ROOT / "pluginlab" / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = "pluginlab" + (f".{node.module}" if node.module else "")
+                if node.module:
+                    found.add(base)
+                else:
+                    found.update(f"pluginlab.{alias.name}" for alias in node.names)
+            elif node.module:
+                found.add(node.module)
+    return found
+
+
+def test_the_core_imports_no_transport() -> None:
+    """session.py and every pluginlab module it pulls in (transitively) import neither
+    websockets nor ipywidgets. (The package ``__init__`` re-exports the server for
+    convenience; that is not the core's dependency.)"""
+    seen: set[str] = set()
+    todo = ["session"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in _imports(module):
+            top = name.split(".")[0]
+            assert top not in ("websockets", "ipywidgets"), f"pluginlab.{module} imports {name}"
+            if name.startswith("pluginlab."):
+                sub = name.split(".")[1]
+                if (ROOT / "pluginlab" / f"{sub}.py").exists():
+                    todo.append(sub)
+    assert {"session", "messages", "auth", "limits", "engine"} <= seen
+    assert "server" not in seen and "client" not in seen
+
+
+def test_auth_snapshot_presence_and_disconnect(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            reply = alice.outbox[-1]
+            assert reply["type"] == "AUTH_SUCCESS"
+            assert reply["data"] == {"session_id": "jam", "user_id": "alice",
+                                     "snapshot": {"session_id": "jam", "members": ["alice"],
+                                                  "tracks": {}}}
+            assert reply["user_id"] == "alice" and reply["session_id"] == "jam"
+            bob = await rig.peer("bob")
+            assert bob.outbox[-1]["data"]["snapshot"]["members"] == ["alice", "bob"]
+            joined = alice.received("PRESENCE")
+            assert [m["data"] for m in joined] == [{"event": "joined", "user_id": "bob"}]
+            assert joined[0]["user_id"] == "bob" and joined[0]["id"].startswith("bcast_")
+            assert not bob.received("PRESENCE")  # nobody announces you to yourself
+            await rig.studio.disconnect(bob.conn)
+            assert alice.received("PRESENCE")[-1]["data"] == {"event": "left", "user_id": "bob"}
+            assert rig.studio.sessions["jam"].user_ids() == ["alice"]
+
+    run(scenario())
+
+
+def test_reply_comes_before_the_broadcasts_it_causes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            await rig.peer("bob")
+            rig.log.clear()
+            added = await alice.ok("PLUGIN_ADD", {"track_id": "t1", "name": "Reverb"})
+            await alice.ok("PLUGIN_PARAMETER", {"track_id": "t1", "plugin_id": added["plugin_id"],
+                                                "parameter_id": "wet_dry",
+                                                "parameter_value": 0.6})
+            order = [(who, m["type"]) for who, m in rig.log]
+            assert order == [
+                ("alice", "PLUGIN_ADD"), ("bob", "PLUGIN_ADD"), ("bob", "PLUGIN_STATE_UPDATE"),
+                ("alice", "PLUGIN_PARAMETER"), ("bob", "PLUGIN_PARAMETER"),
+                ("bob", "PLUGIN_STATE_UPDATE"),
+            ]
+
+    run(scenario())
+
+
+def test_every_request_gets_exactly_one_reply_and_the_sender_no_broadcast(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Utility"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            requests = [
+                ("PLUGIN_PARAMETER", {**base, "parameter_id": "gain", "parameter_value": -6}),
+                ("PLUGIN_PARAMETER_BATCH", {**base, "parameters": {"gain": -3}}),
+                ("PLUGIN_BYPASS", {**base, "bypass": True}),
+                ("PLUGIN_PRESET", {**base, "action": "list"}),
+                ("PLUGIN_PARAMETERS_GET", base),
+                ("SESSION_STATE_GET", {}),
+                ("PING", {}),
+                ("PLUGIN_PARAMETER", {**base, "parameter_id": "nope", "parameter_value": 1}),
+                ("PLUGIN_REMOVE", base),
+            ]
+            for msg_type, data in requests:
+                await alice.send(msg_type, data)  # Peer.frame asserts exactly one message
+            mine = [m for m in alice.outbox if m["id"].startswith("bcast_")]
+            assert [m["type"] for m in mine] == ["PRESENCE"]  # only bob's arrival
+            assert all(m["user_id"] == "alice" for m in bob.outbox
+                       if m["type"] != "AUTH_SUCCESS")
+
+    run(scenario())
+
+
+def test_before_auth_only_auth_and_ping(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            peer = await rig.peer("anon", session=None)
+            assert (await peer.send("PING"))["type"] == "PONG"
+            err = await peer.error("SESSION_STATE_GET")
+            assert err["code"] == "UNAUTHORIZED"
+            err = await peer.error("ADD_PLUGIN", {"trackId": "t", "pluginName": "Reverb"})
+            assert err["code"] == "UNAUTHORIZED"  # legacy clients too, unless anonymous
+            assert rig.studio.sessions == {}
+
+    run(scenario())
+
+
+def test_legacy_client_joins_legacy_session_when_anonymous_is_allowed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, allow_anonymous=True) as rig:
+            old = await rig.peer("old", session=None)
+            reply = await old.frame(json.dumps({"type": "ADD_PLUGIN", "data": {
+                "trackId": "t", "pluginName": "Reverb", "pluginPath": "/path/to/reverb.vst3"}}))
+            assert reply["type"] == "PLUGIN_ADDED" and reply["success"] is True
+            assert reply["id"].startswith("legacy_")
+            assert reply["user_id"] == "legacy_user" and reply["session_id"] == "legacy_session"
+            assert old.conn.user_id == "legacy_user"
+            # an AUTH without a token becomes anonymous_user in a fresh anonymous_ session
+            anon = await rig.peer("anon", session=None)
+            data = await anon.ok("AUTH", {})
+            assert data["user_id"] == "anonymous_user"
+            assert data["session_id"].startswith("anonymous_")
+
+    run(scenario())
+
+
+def test_execute_is_the_same_path_as_receive(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            bob = await rig.peer("bob")
+            widget = rig.studio.connect(lambda message: None)
+            auth = await rig.studio.execute(widget, "AUTH", {"token": rig.token("nb"),
+                                                             "session_id": "jam"})
+            assert auth["user_id"] == "nb"
+            added = await rig.studio.execute(widget, "PLUGIN_ADD",
+                                             {"track_id": "t", "name": "Reverb"})
+            data = await rig.studio.execute(widget, "PLUGIN_PARAMETER", {
+                "track_id": "t", "plugin_id": added["plugin_id"], "parameter_id": "wet_dry",
+                "parameter_value": 0.9})
+            assert data["parameter_value"] == 0.9 and data["success"] is True
+            assert data["daid"].startswith("daid:v1.0:")
+            relay = bob.received("PLUGIN_PARAMETER")[-1]
+            assert relay["user_id"] == "nb" and relay["data"]["parameter_value"] == 0.9
+            update = bob.received("PLUGIN_STATE_UPDATE")[-1]["data"]
+            assert update["changed_by"] == "nb" and update["parameters"] == {"wet_dry": 0.9}
+            with pytest.raises(PluginNotFound) as info:
+                await rig.studio.execute(widget, "PLUGIN_PARAMETER", {
+                    "track_id": "t", "plugin_id": "ghost", "parameter_id": "wet_dry",
+                    "parameter_value": 0.1})
+            assert info.value.details == {"plugin_id": "ghost", "track_id": "t"}
+            stranger = rig.studio.connect(lambda message: None)
+            with pytest.raises(Unauthorized):
+                await rig.studio.execute(stranger, "SESSION_STATE_GET", {})
+
+    run(scenario())
+
+
+def test_changes_are_recorded_with_daids(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            added = await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"})
+            pid = added["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            changed = await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "time",
+                                                          "parameter_value": 250})
+            batch = await alice.ok("PLUGIN_PARAMETER_BATCH",
+                                   {**base, "parameters": {"feedback": 0.5, "mix": 0.25}})
+            bypass = await alice.ok("PLUGIN_BYPASS", {**base, "bypass": True})
+            removed = await alice.ok("PLUGIN_REMOVE", base)
+            events = rig.store.events("jam")
+            assert [e.action for e in events] == [
+                "auth", "plugin_add", "parameter_update", "parameter_update",
+                "parameter_update", "plugin_bypass", "plugin_remove"]
+            daids = [e.daid for e in events]
+            for reply in (added, changed, batch, bypass, removed):
+                assert reply["daid"] in daids
+            assert all(e.user_id == "alice" and e.session_id == "jam" for e in events)
+            assert len(daids[2].split(":")) == 7
+
+    run(scenario())
+
+
+class FailingStore:
+    """A store whose appends fail: every change must be undone and reported."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def session_state(self, session_id: str) -> dict[str, Any]:
+        return {}
+
+    async def append_many_async(self, drafts: list[Any]) -> list[Any]:
+        if self.fail:
+            raise OSError("disk full")
+
+        class Event:
+            daid = "daid:v1.0:2026-01-01T00-00-00.000Z:u:plugin:p:0123456789abcdef"
+
+        return [Event() for _ in drafts]
+
+
+def test_a_change_that_cannot_be_recorded_is_undone(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FailingStore()
+        async with studio_rig(tmp_path, store=store) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
+                                                "parameter_value": 0.4})
+            seen = len(bob.outbox)
+            store.fail = True
+            attempts = [
+                ("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry", "parameter_value": 0.9}),
+                ("PLUGIN_PARAMETER_BATCH", {**base, "parameters": {"wet_dry": 0.8,
+                                                                   "room_size": 0.1}}),
+                ("PLUGIN_BYPASS", {**base, "bypass": True}),
+                ("PLUGIN_PRESET", {**base, "action": "load", "preset_name": "Large Hall"}),
+                ("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}),
+                ("PLUGIN_REMOVE", base),
+            ]
+            for msg_type, data in attempts:
+                err = await alice.error(msg_type, data)
+                assert err["code"] == "INTERNAL_ERROR" and err["details"] == {}
+            assert len(bob.outbox) == seen  # nothing unrecorded was broadcast
+            store.fail = False
+            state = await alice.ok("PLUGIN_PARAMETERS_GET", base)
+            assert state["parameters"]["wet_dry"] == 0.4
+            assert state["parameters"]["room_size"] == 0.5
+            assert state["bypass"] is False
+            tracks = (await alice.ok("SESSION_STATE_GET"))["snapshot"]["tracks"]
+            assert [p["plugin_id"] for p in tracks["t"]] == [pid]
+
+    run(scenario())
+
+
+def test_no_store_means_no_daid(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store=None) as rig:
+            alice = await rig.peer("alice")
+            added = await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+            assert added["daid"] is None and added["success"] is True
+
+    run(scenario())
+
+
+def test_session_is_restored_from_the_store(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb",
+                                                 "plugin_id": "my_reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
+                                                "parameter_value": 0.77})
+            await alice.ok("PLUGIN_BYPASS", {**base, "bypass": True})
+            before = (await alice.ok("SESSION_STATE_GET"))["snapshot"]["tracks"]
+        async with studio_rig(tmp_path) as rig:  # same database file, a fresh core
+            bob = await rig.peer("bob")
+            snapshot = bob.outbox[-1]["data"]["snapshot"]
+            assert snapshot["tracks"] == before
+            assert snapshot["tracks"]["t"][0]["parameters"]["wet_dry"] == 0.77
+            assert snapshot["tracks"]["t"][0]["bypass"] is True
+
+    run(scenario())
+
+
+def test_message_rate_limit_counts_every_frame(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, messages_per_second=5) as rig:
+            alice = await rig.peer("alice")  # the AUTH was frame 1
+            replies = [await alice.frame(text) for text in
+                       ['{"type": "PING", "id": "a"}', "garbage", '{"type": "NOPE"}',
+                        '{"type": "PING", "id": "b"}', '{"type": "PING", "id": "c"}']]
+            assert [r["type"] for r in replies] == ["PONG", "ERROR", "ERROR", "PONG", "ERROR"]
+            limited = replies[-1]
+            assert limited["id"] == "c"  # the id is still echoed when it can be read
+            assert limited["data"]["code"] == "RATE_LIMITED"
+            assert limited["data"]["details"]["limit"] == "messages_per_second"
+            assert 0 < limited["data"]["details"]["retry_after"] <= 1
+
+    run(scenario())
+
+
+def test_rate_limits_off(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, messages_per_second=1) as rig:
+            alice = await rig.peer("alice")
+            for _ in range(50):
+                assert (await alice.send("PING"))["type"] == "PONG"
+
+    run(scenario())
+
+
+def test_parameter_broadcasts_are_debounced_in_the_core(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            for i in range(1, 51):
+                await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": pid,
+                                                    "parameter_id": "wet_dry",
+                                                    "parameter_value": i / 100})
+            relays = bob.received("PLUGIN_PARAMETER")
+            assert [m["data"]["parameter_value"] for m in relays] == [0.01]  # leading edge
+            rig.studio.sessions["jam"].throttle.flush()  # = the window ends
+            relays = bob.received("PLUGIN_PARAMETER")
+            assert [m["data"]["parameter_value"] for m in relays] == [0.01, 0.5]
+            updates = [m["data"] for m in bob.received("PLUGIN_STATE_UPDATE")
+                       if m["data"]["state"] == "updated"]
+            assert [u["parameters"] for u in updates] == [{"wet_dry": 0.01}, {"wet_dry": 0.5}]
+
+    run(scenario())
+
+
+def test_engine_errors_are_reported_not_raised(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            err = await alice.error("PLUGIN_ADD", {"track_id": "t", "name": "NoSuchPlugin"})
+            assert err["code"] == "PLUGIN_ADD_FAILED"
+            assert err["details"]["name"] == "NoSuchPlugin"
+            assert "built-ins" in err["details"]["reason"]
+            err = await alice.error("PLUGIN_REMOVE", {"track_id": "nowhere", "plugin_id": "p"})
+            assert err == {"error": err["error"], "code": "TRACK_NOT_FOUND",
+                           "details": {"track_id": "nowhere"}}
+
+    run(scenario())
+
+
+def test_errors_are_pluginlab_errors_for_python_callers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            conn = rig.studio.connect(lambda message: None)
+            await rig.studio.execute(conn, "AUTH", {"token": rig.token("py")})
+            assert conn.session_id is not None and conn.session_id.startswith("session_")
+            with pytest.raises(PluginlabError) as info:
+                await rig.studio.execute(conn, "PLUGIN_ADD", {"track_id": 1, "name": "Reverb"})
+            assert info.value.code.value == "INVALID_MESSAGE"
+
+    run(scenario())
