@@ -1,11 +1,12 @@
-# pluginlab: `make demo` (set up + run the main job) and `make test` (set up + run every test).
+# pluginlab: `make lab` (set up + open JupyterLab on the quickstart notebook) and `make test`
+# (set up + run every test). `make demo` renders a chain to a WAV without a browser.
 # Both create a local virtual environment in .venv on first use; nothing is installed globally.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup lab demo serve test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +16,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 notebooks/01_quickstart.ipynb
+
 demo: setup
 	$(VENV)/bin/pluginlab demo --out out/demo.wav
+
+serve: setup
+	$(VENV)/bin/pluginlab serve
 
 test: setup
 	$(PY) -m pytest -q

@@ -88,7 +88,7 @@ class Authenticator:
         """The identity in ``token``; raises AuthFailed with a reason otherwise."""
         if not isinstance(token, str) or not token:
             raise AuthFailed("missing token")
-        key = self.config.public_key or self.config.secret
+        key = self.config.public_key or self.config.secret or ""
         try:
             claims = jwt.decode(
                 token, key, algorithms=self.config.algorithms(), leeway=self.config.leeway,
@@ -133,7 +133,7 @@ class Authenticator:
                 raise ValueError("issuing asymmetric tokens needs private_key")
             return jwt.encode(claims, self.config.private_key,
                               algorithm=self.config.algorithm or "RS256")
-        return jwt.encode(claims, self.config.secret, algorithm="HS256")
+        return jwt.encode(claims, self.config.secret or "", algorithm="HS256")
 
     # -- failure blocking -------------------------------------------------------------------
     def check_blocked(self, address: str) -> None:

@@ -20,11 +20,14 @@ their plugins (built-in Faust effects or plugin binaries). Contracts:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -42,7 +45,7 @@ from .errors import (
     PresetLoadFailed,
     TrackNotFound,
 )
-from .owner import owner
+from .owner import Owner, owner
 from .parameters import ParameterSpec
 from .presets import PresetLibrary, preset_key
 from .sources import Source
@@ -312,6 +315,11 @@ class Engine:
         self._backends: dict[tuple[int, int], Backend] = {}
         self._ids = itertools.count(1)
         self._owner = owner()
+        # DawDreamer objects must be destroyed on the owner thread (a plugin binary destroyed
+        # elsewhere hangs the process): an engine that is collected, or still alive at exit,
+        # hands its backends to the owner.
+        weakref.finalize(self, _release_backends, self._owner, self._backends).atexit = False
+        _LIVE.add(self)
 
     # -- tracks -----------------------------------------------------------------------------
     @property
@@ -404,10 +412,10 @@ class Engine:
             recipe=recipe, specs=specs, resolved_as=resolved, warning=warning,
         )
         with self._lock:
-            self._reserved.discard(pid)
-            self._plugins[pid] = plugin
             chain = self.add_track(track_id)._chain
             chain.insert(len(chain) if index is None else max(0, index), plugin)
+            self._plugins[pid] = plugin
+            self._reserved.discard(pid)
         return plugin
 
     def remove_plugin(self, plugin_id: str, track_id: str | None = None) -> Plugin:
@@ -446,7 +454,7 @@ class Engine:
         with self._lock:
             return {tid: [p.state() for p in t._chain] for tid, t in self._tracks.items()}
 
-    def restore(self, tracks: Mapping[str, list[Mapping[str, Any]]]) -> list[Plugin]:
+    def restore(self, tracks: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[Plugin]:
         """Re-create plugins from a snapshot (same ids, values, bypass). Returns them."""
         created = []
         for track_id, chain in tracks.items():
@@ -499,13 +507,10 @@ class Engine:
         return Path(path)
 
     def close(self) -> None:
-        """Remove every plugin and drop the DawDreamer engines."""
+        """Remove every plugin and drop the DawDreamer engines (on the owner thread)."""
         for plugin in list(self.plugins.values()):
             self.remove_plugin(plugin.id)
-        with self._lock:
-            backends, self._backends = list(self._backends.values()), {}
-        if backends:
-            self._owner.call(backends.clear)
+        self._owner.call(self._backends.clear)
 
     # -- internals --------------------------------------------------------------------------
     def _resolve(
@@ -786,6 +791,27 @@ class Engine:
         with self._lock:
             plugin._values.update(values)
         return plugin.values
+
+
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _release_backends(owner_: Owner, backends: dict[tuple[int, int], Backend]) -> None:
+    """Destroy ``backends`` on the owner thread (never blocks: may run inside the GC)."""
+    if backends:
+        if owner_.on_owner():
+            backends.clear()
+        else:
+            owner_.submit(backends.clear)
+
+
+@atexit.register
+def _release_all_at_exit() -> None:
+    """Before the interpreter tears down, destroy every live engine's DawDreamer objects on the
+    owner thread (finalization on the main thread would hang with a plugin binary loaded)."""
+    for engine in list(_LIVE):
+        with contextlib.suppress(Exception):
+            engine._owner.call(engine._backends.clear)
 
 
 def _with_index(spec: ParameterSpec, index: int) -> ParameterSpec:

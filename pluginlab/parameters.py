@@ -15,6 +15,7 @@ pluginlab must share:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,8 +49,9 @@ class ParameterSpec:
     def validate(self, value: Any) -> float:
         """Return ``value`` as a float if acceptable, else raise ``InvalidParameter``.
 
-        Accepted: int/float (not bool for non-bool kinds), finite, within [min, max]; for
-        choice parameters also a choice's name; for bool parameters also True/False.
+        Accepted: real numbers (int, float, numpy scalars; not bool for non-bool kinds),
+        finite, within [min, max]; for choice parameters also a choice's name; for bool
+        parameters also True/False.
         """
         if self.kind == "choice" and isinstance(value, str) and self.choices:
             if value in self.choices:
@@ -59,22 +61,30 @@ class ParameterSpec:
             )
         if isinstance(value, bool):
             if self.kind != "bool":
-                raise InvalidParameter(self.id, value, "expected a number, got a boolean")
+                raise InvalidParameter(
+                    self.id, value, f"expected a number in {self._range()}, got a boolean"
+                )
             return 1.0 if value else 0.0
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, numbers.Real):  # int, float, numpy scalars (not np.bool_)
             raise InvalidParameter(
-                self.id, value, f"expected a number, got {type(value).__name__}"
+                self.id, value, f"expected a number in {self._range()}, got {type(value).__name__}"
             )
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidParameter(self.id, value, "value must be finite") from None
         if not math.isfinite(number):
-            raise InvalidParameter(self.id, value, "value must be finite")
-        if number < self.min or number > self.max:
             raise InvalidParameter(
-                self.id, value, f"out of range [{_num(self.min)}, {_num(self.max)}]"
+                self.id, value, f"value must be a finite number in {self._range()}"
             )
+        if number < self.min or number > self.max:
+            raise InvalidParameter(self.id, value, f"out of range {self._range()}")
         if self.kind in ("int", "choice", "bool") and number != round(number):
             raise InvalidParameter(self.id, value, "expected a whole number")
         return number
+
+    def _range(self) -> str:
+        return f"[{_num(self.min)}, {_num(self.max)}]"
 
     def format(self, value: float) -> str:
         """Human display text for ``value`` (the plugin's own text for binaries is elsewhere)."""

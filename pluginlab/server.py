@@ -39,6 +39,8 @@ __all__ = ["PluginServer"]
 
 log = logging.getLogger("pluginlab.server")
 
+PIPELINE_DEPTH = 64  # requests of one connection in flight at once
+
 
 def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
     """The authenticator for ``config``; True when a secret had to be generated."""
@@ -81,6 +83,7 @@ class PluginServer:
         self.studio = studio or Studio(self.config, store=store, authenticator=authenticator)
         self._server: Server | None = None
         self.port: int | None = None
+        self._serialize = _Serializer()
 
     @property
     def url(self) -> str:
@@ -151,18 +154,52 @@ class PluginServer:
 
     # -- one connection ---------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        """Serve one connection with pipelining: frame N+1 starts once frame N has been applied
+        and handed to the store; replies wait for durability and keep request order. At most
+        ``PIPELINE_DEPTH`` requests of a connection are in flight."""
+        serialize = self._serialize
+
         def send(message: dict[str, Any]) -> None:
-            broadcast([ws], dumps(message))
+            broadcast([ws], serialize(message))
 
         conn = self.studio.connect(send, _address(ws))
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(PIPELINE_DEPTH)
+        tasks: set[asyncio.Task[None]] = set()
+        gate: asyncio.Future[None] | None = None
+        replied: asyncio.Future[None] | None = None
         try:
             await self._handshake_join(ws, conn)
             async for frame in ws:
-                await self.studio.receive(conn, frame)
+                await slots.acquire()
+                applied: asyncio.Future[None] = loop.create_future()
+                done: asyncio.Future[None] = loop.create_future()
+                task = asyncio.create_task(
+                    self._one(conn, frame, gate, applied, replied, done, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                gate, replied = applied, done
         except ConnectionClosed:
             pass
         finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             await self.studio.disconnect(conn)
+
+    async def _one(
+        self, conn: Connection, frame: str | bytes, gate: asyncio.Future[None] | None,
+        applied: asyncio.Future[None], previous_reply: asyncio.Future[None] | None,
+        done: asyncio.Future[None], slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            if gate is not None:
+                await gate
+            await self.studio.receive(conn, frame, applied, previous_reply)
+        finally:
+            for future in (applied, done):
+                if not future.done():
+                    future.set_result(None)
+            slots.release()
 
     async def _handshake_join(self, ws: ServerConnection, conn: Connection) -> None:
         token, session_id = getattr(ws, "pluginlab_handshake", (None, None))
@@ -176,6 +213,20 @@ class PluginServer:
             return
         conn.send(envelope("AUTH_SUCCESS", data, msg_id=None, user_id=conn.user_id,
                            session_id=conn.session_id))
+
+
+class _Serializer:
+    """``dumps`` once per message object: a broadcast hands the same dict to every member."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, Any] | None = None
+        self._text = ""
+
+    def __call__(self, message: dict[str, Any]) -> str:
+        if message is not self._last:
+            self._text = dumps(message)
+            self._last = message
+        return self._text
 
 
 def _address(ws: ServerConnection) -> str:

@@ -96,7 +96,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the WebSocket plugin server")
     _add_config_options(serve)
     serve.add_argument("--token-user", default="researcher",

@@ -66,6 +66,16 @@ class _Deferred:
 _deferred: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar(
     "pluginlab_deferred_broadcasts", default=None)
 
+# The transport's "applied" future of the request being handled (pipelining), if any.
+_applied: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "pluginlab_applied", default=None)
+
+
+def _signal_applied(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
 PERMISSION_OF = {
     "PLUGIN_ADD": "plugin:add", "ADD_PLUGIN": "plugin:add", "PLUGIN_REMOVE": "plugin:remove",
     "PLUGIN_PARAMETER": "plugin:write", "UPDATE_PARAMETER": "plugin:write",
@@ -173,11 +183,21 @@ class Studio:
         self.connections.pop(conn.id, None)
         self._leave(conn)
 
-    async def receive(self, conn: Connection, frame: str | bytes) -> None:
-        """Handle one wire frame: rate limit, parse, dispatch, reply (or ERROR)."""
+    async def receive(self, conn: Connection, frame: str | bytes,
+                      applied: asyncio.Future[None] | None = None,
+                      reply_after: asyncio.Future[None] | None = None) -> None:
+        """Handle one wire frame: rate limit, parse, dispatch, reply (or ERROR).
+
+        Pipelining hooks for a transport (both optional): ``applied`` is resolved once the
+        request has been applied and its events handed to the store (before durability), so
+        the next frame of the connection may start then without reordering changes; the reply
+        (and the broadcasts it causes) waits for ``reply_after``, so replies keep request order.
+        """
         request_id: str | None = None
         deferred = _Deferred()
         token = _deferred.set(deferred)
+        applied_token = _applied.set(applied)
+        outgoing: dict[str, Any] | None = None
         try:
             wait = conn.messages.take()
             if wait is not None:
@@ -185,20 +205,24 @@ class Studio:
                 raise RateLimited("messages_per_second", wait)
             request = parse(frame)
             request_id = request.id
-            reply = await self._dispatch(conn, request)
-            if reply is not None:
-                self._send(conn, reply)
+            outgoing = await self._dispatch(conn, request)
         except PluginlabError as exc:
             # a frame refused by the parser still gets its id echoed when it has a readable one
-            self._send(conn, self._error(conn, exc, request_id or _peek_id(frame)))
+            outgoing = self._error(conn, exc, request_id or _peek_id(frame))
         except Exception:
             log.exception("internal error handling a message from %s", conn.id)
-            self._send(conn, self._error(conn, InternalError(), request_id))
+            outgoing = self._error(conn, InternalError(), request_id)
         finally:
+            _applied.reset(applied_token)
+            _signal_applied(applied)
             _deferred.reset(token)
-            deferred.open = False
-            for member, message in deferred.items:
-                self._send(member, message)
+        if reply_after is not None:
+            await reply_after
+        if outgoing is not None:
+            self._send(conn, outgoing)
+        deferred.open = False
+        for member, message in deferred.items:
+            self._send(member, message)
 
     async def execute(self, conn: Connection, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
         """Python door: run one request and return its reply data (raises PluginlabError).
@@ -565,7 +589,15 @@ class Studio:
         """Append events durably; returns the last DAID (None when tracking is off)."""
         if self.store is None or not self.config.enable_daid_tracking or not drafts:
             return None
-        events = await self.store.append_many_async(drafts)
+        try:
+            pending = self.store.append_many_async(drafts)
+            # The store enqueues synchronously when the coroutine starts, before the loop can
+            # run the next pipelined request, so signalling here keeps the log in order.
+            _signal_applied(_applied.get())
+            events = await pending
+        except Exception as exc:  # the client's request was fine; our log refused it
+            log.exception("provenance store refused %d event(s)", len(drafts))
+            raise InternalError("the change could not be recorded; it was not applied") from exc
         return str(events[-1].daid)
 
     async def _record_or_undo(self, conn: Connection, plugin: Plugin,

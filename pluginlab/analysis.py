@@ -1,0 +1,547 @@
+"""The DAID event log as pandas DataFrames, and matplotlib plots of parameters, activity and audio.
+
+:func:`events_frame` is the entry point: one row per event, with the parameter columns
+(``plugin_id``, ``track_id``, ``parameter_id``, ``value``) that SQLite extracts from each event's
+``details`` JSON (they are generated columns of ``daid_events``, see
+:mod:`pluginlab.provenance`). The helpers take that frame; every plot returns a
+:class:`matplotlib.figure.Figure` built with the object-oriented API (no pyplot state, so it
+works with any backend, ``Agg`` included).
+
+How :func:`events_frame` stays fast (1,000,000 events in about 3 s on 2 cores): no per-row
+Python and no per-row cursor fetch. SQLite concatenates each scalar column into one string
+(``group_concat``) that numpy parses in C; the categorical columns come back as
+``values -> rowids`` groups read from covering indexes (no sort, no table access) and become
+codes by a numpy scatter; ``details`` is parsed by one ``json.loads`` per 100,000-row chunk of
+a JSON array SQLite assembled. The queries run on worker threads with their own read-only
+connections (SQLite releases the GIL), overlapping the parsing; all of them read the same rows
+(a rowid range taken first: the log is append-only).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .provenance import (
+    ProvenanceStore,
+    _open_for_reading,
+    format_timestamp,
+    parse_timestamp,
+)
+
+__all__ = [
+    "CATEGORY_COLUMNS",
+    "EVENT_COLUMNS",
+    "activity_summary",
+    "changes_per_second",
+    "events_frame",
+    "parameter_history",
+    "plot_activity",
+    "plot_comparison",
+    "plot_parameter_timeline",
+    "plot_spectrogram",
+    "plot_waveform",
+]
+
+CATEGORY_COLUMNS = (
+    "user_id",
+    "session_id",
+    "action",
+    "entity_type",
+    "operation",
+    "plugin_id",
+    "track_id",
+    "parameter_id",
+)
+EVENT_COLUMNS = ("seq", "daid", "timestamp", *CATEGORY_COLUMNS, "value", "details")
+
+_SEP = "\x1f"  # never inside JSON text (control characters are escaped there)
+_TS_WIDTH = len("2026-11-25T20:16:03.120Z")
+
+Source = ProvenanceStore | str | os.PathLike[str]
+Filter = str | Iterable[str] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# events_frame
+
+
+def events_frame(
+    source: Source,
+    *,
+    session_id: Filter = None,
+    user_id: Filter = None,
+    plugin_id: Filter = None,
+    start: datetime | str | None = None,
+    end: datetime | str | None = None,
+) -> pd.DataFrame:
+    """One row per event, in seq order.
+
+    ``source``: a :class:`~pluginlab.provenance.ProvenanceStore` or the path of its database
+    (opened read-only; it must be at the current schema version). Filters combine with AND;
+    ``session_id`` / ``user_id`` / ``plugin_id`` take one id or several; ``start`` / ``end``
+    are inclusive bounds (datetime, naive = UTC, or ISO string).
+
+    Columns: ``seq`` int64, ``daid`` object (str), ``timestamp`` datetime64[ms, UTC],
+    ``user_id``, ``session_id``, ``action``, ``entity_type``, ``operation``, ``plugin_id``,
+    ``parameter_id``, ``track_id`` categorical (categories sorted; NaN where the event has
+    none), ``value`` float64 (NaN unless ``details.value`` is a number; exact), ``details``
+    dict.
+    """
+    path = source.path if isinstance(source, ProvenanceStore) else os.fspath(source)
+    where, args = _where(session_id, user_id, plugin_id, start, end)
+    conn = _open_for_reading(path)
+    try:
+        low, top = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM daid_events").fetchone()
+    finally:
+        conn.close()
+    if top is None:
+        return _empty_frame()
+    filtered = bool(where)
+    # Every query sees the same rows (the log is append-only). The grouped queries must read
+    # their covering index, so their rowid bound is written ``+rowid`` (not usable as a lookup).
+    clause = " WHERE " + " AND ".join([*where, "rowid BETWEEN ? AND ?"])
+    group_clause = " WHERE " + " AND ".join([*where, "+rowid BETWEEN ? AND ?"])
+
+    def rows_of(columns: str) -> str:
+        # A rowid-bounded table scan already yields rowid order; an index may not.
+        if not filtered:
+            return f"daid_events{clause}"
+        return f"(SELECT {columns} FROM daid_events{clause} ORDER BY rowid)"
+
+    scalar_sql = (
+        "SELECT COUNT(*), group_concat(rowid), group_concat(seq), group_concat(timestamp, ''), "
+        "group_concat(CASE WHEN value IS NULL THEN 'nan' ELSE printf('%!.17g', value) END) "
+        f"FROM {rows_of('rowid, seq, timestamp, value')}"
+    )
+    details_sql = f"SELECT group_concat(ifnull(details, 'null'), ',') FROM {rows_of('details')}"
+    daid_sql = f"SELECT group_concat(id, char(31)) FROM {rows_of('id')}"
+    group_sql = [_group_sql(columns, group_clause) for columns in _GROUPS]
+    everything = [*args, low, top]
+    chunks = [
+        [*args, first, min(first + _CHUNK - 1, top)] for first in range(low, top + 1, _CHUNK)
+    ]
+    # One worker reads details in row order, piece by piece, so parsing starts early; two
+    # more run the column queries meanwhile (SQLite releases the GIL while it works).
+    with ThreadPoolExecutor(1, thread_name_prefix="pluginlab-details") as reader, \
+            ThreadPoolExecutor(2, thread_name_prefix="pluginlab-columns") as pool:
+        details_jobs = [reader.submit(_fetch_one, path, details_sql, chunk) for chunk in chunks]
+        scalar_job = pool.submit(_fetch_one, path, scalar_sql, everything)
+        group_jobs = [pool.submit(_fetch_one, path, sql, everything) for sql in group_sql]
+        daid_job = pool.submit(_fetch_one, path, daid_sql, everything)
+        details = _parse_details(details_jobs)
+        count, rowids_text, seq_text, ts_text, value_text = scalar_job.result()
+        if not count:
+            return _empty_frame()
+        rowids = _ints(rowids_text, count)
+        categorical: dict[str, pd.Categorical] = {}
+        for columns, job in zip(_GROUPS, group_jobs):
+            keys_json, members = job.result()
+            categorical.update(_categoricals(columns, keys_json, members, rowids))
+        frame = pd.DataFrame(
+            {
+                "seq": _ints(seq_text, count),
+                "daid": _daids(daid_job.result()[0], count, path, clause, everything),
+                "timestamp": _timestamps(ts_text, count, path, clause, everything),
+                **{c: categorical[c] for c in CATEGORY_COLUMNS},
+                "value": np.fromstring(value_text, sep=",", dtype=np.float64),
+                "details": pd.Series(details, dtype=object, copy=False),
+            },
+            copy=False,
+        )
+    if not frame["seq"].is_monotonic_increasing:
+        frame = frame.sort_values("seq", kind="stable", ignore_index=True)
+    return frame
+
+
+_CHUNK = 100_000  # rows of details per query
+# The categorical columns, grouped as the covering indexes of daid_events lead with them:
+# idx_daid_events_user_id, idx_daid_events_session (session_id, seq),
+# idx_daid_events_action (action, entity_type, operation),
+# idx_daid_events_plugin (plugin_id, parameter_id, track_id).
+_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("user_id",),
+    ("session_id",),
+    ("action", "entity_type", "operation"),
+    ("plugin_id", "parameter_id", "track_id"),
+)
+
+
+def _group_sql(columns: Sequence[str], clause: str) -> str:
+    """One row: the distinct value tuples (JSON) and their ``;``-separated rowid lists.
+
+    A single row matters: each row handed back to Python is one more wait for the GIL.
+    """
+    names = ", ".join(columns)
+    return (
+        f"SELECT json_group_array(json_array({names})), group_concat(r, ';') FROM ("
+        f"SELECT {names}, group_concat(rowid) AS r FROM daid_events{clause} GROUP BY {names})"
+    )
+
+
+def _where(
+    session_id: Filter, user_id: Filter, plugin_id: Filter,
+    start: datetime | str | None, end: datetime | str | None,
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, wanted in (("session_id", session_id), ("user_id", user_id),
+                           ("plugin_id", plugin_id)):
+        if wanted is None:
+            continue
+        values = [wanted] if isinstance(wanted, str) else list(wanted)
+        where.append(f"{column} IN ({', '.join('?' * len(values))})")
+        args.extend(values)
+    if start is not None:
+        where.append("timestamp >= ?")
+        args.append(format_timestamp(parse_timestamp(start)))
+    if end is not None:
+        where.append("timestamp <= ?")
+        args.append(format_timestamp(parse_timestamp(end)))
+    return where, args
+
+
+def _connect_ro(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def _fetch_one(path: str, sql: str, args: Sequence[Any]) -> tuple[Any, ...]:
+    """The single row of an aggregate query, on its own read-only connection.
+
+    SQLite releases the GIL while it computes, so these run while the main thread parses.
+    """
+    conn = _connect_ro(path)
+    try:
+        return tuple(conn.execute(sql, args).fetchone())
+    finally:
+        conn.close()
+
+
+def _rows(path: str, column: str, clause: str, args: Sequence[Any]) -> list[Any]:
+    """Slow path: one column, row by row (only when the fast text form is ambiguous)."""
+    conn = _connect_ro(path)
+    try:
+        sql = f"SELECT {column} FROM daid_events{clause} ORDER BY rowid"
+        return [row[0] for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def _ints(text: str, count: int) -> np.ndarray:
+    values = np.fromstring(text, sep=",", dtype=np.int64)
+    if len(values) != count:
+        raise RuntimeError(f"expected {count} integers, parsed {len(values)}")
+    return values
+
+
+def _parse_details(jobs: Sequence[Future[tuple[Any, ...]]]) -> np.ndarray:
+    """One ``json.loads`` per chunk of rows (a JSON array SQLite assembled), in order.
+
+    Every stored ``details`` is valid JSON: the generated columns' ``json_extract`` refuses
+    anything else on insert.
+    """
+    parsed: list[Any] = []
+    enabled = gc.isenabled()
+    gc.disable()  # a million new dicts would trigger many useless collections
+    try:
+        for job in jobs:
+            text = job.result()[0]
+            if text is not None:
+                parsed.extend(json.loads(f"[{text}]"))
+        out = np.empty(len(parsed), dtype=object)
+        out[:] = parsed
+    finally:
+        if enabled:
+            gc.enable()
+    return out
+
+
+def _daids(
+    text: str | None, count: int, path: str, clause: str, args: Sequence[Any]
+) -> pd.Series:
+    values = text.split(_SEP) if text is not None else []
+    if len(values) != count:  # an id containing the separator
+        values = _rows(path, "id", clause, args)
+    out = np.empty(count, dtype=object)
+    out[:] = values
+    return pd.Series(out, dtype=object, copy=False)  # object: no per-string conversion
+
+
+def _timestamps(
+    text: str | None, count: int, path: str, clause: str, args: Sequence[Any]
+) -> pd.DatetimeIndex:
+    """Fixed-width ``YYYY-MM-DDTHH:MM:SS.mmmZ`` texts parsed by numpy; anything else by pandas."""
+    raw = (text or "").encode("ascii", "replace")
+    if len(raw) == count * _TS_WIDTH:
+        cells = np.frombuffer(raw, dtype=f"S{_TS_WIDTH}")
+        if bool(np.all(np.char.endswith(cells, b"Z"))):
+            try:
+                stamps = cells.astype(f"S{_TS_WIDTH - 1}").astype("datetime64[ms]")
+                return pd.DatetimeIndex(stamps).tz_localize("UTC")
+            except ValueError:
+                pass
+    values = _rows(path, "timestamp", clause, args)  # missing or non-standard timestamps
+    parsed = pd.to_datetime(pd.Series(values, dtype=object), format="ISO8601", utc=True,
+                            errors="coerce")
+    return pd.DatetimeIndex(parsed).as_unit("ms")
+
+
+def _categoricals(
+    columns: Sequence[str], keys_json: str | None, members: str | None, rowids: np.ndarray
+) -> dict[str, pd.Categorical]:
+    """Categorical columns from grouped output: each group's rowids get the group's codes."""
+    keys: list[list[Any]] = json.loads(keys_json) if keys_json else []
+    lists = members.split(";") if members else []
+    categories = [_sorted_unique(key[j] for key in keys) for j in range(len(columns))]
+    lookup = [{value: code for code, value in enumerate(c)} for c in categories]
+    codes = [np.full(len(rowids), -1, dtype=np.int32) for _ in columns]
+    contiguous = len(rowids) > 0 and rowids[-1] - rowids[0] == len(rowids) - 1
+    for key, rows in zip(keys, lists):
+        where = np.fromstring(rows, sep=",", dtype=np.int64)
+        positions = where - rowids[0] if contiguous else np.searchsorted(rowids, where)
+        for j, value in enumerate(key):
+            if value is not None:
+                codes[j][positions] = lookup[j][value]
+    return {
+        column: pd.Categorical.from_codes(
+            codes[j], categories=pd.Index(categories[j], dtype=object)
+        )
+        for j, column in enumerate(columns)
+    }
+
+
+def _sorted_unique(values: Iterable[Any]) -> list[Any]:
+    unique = {v for v in values if v is not None}
+    try:
+        return sorted(unique)
+    except TypeError:  # mixed types (hand-written rows): a stable order all the same
+        return sorted(unique, key=lambda v: (type(v).__name__, str(v)))
+
+
+def _empty_frame() -> pd.DataFrame:
+    columns: dict[str, Any] = {
+        "seq": np.empty(0, dtype=np.int64),
+        "daid": pd.Series([], dtype=object),
+        "timestamp": pd.DatetimeIndex([], dtype="datetime64[ms, UTC]"),
+    }
+    for column in CATEGORY_COLUMNS:
+        columns[column] = pd.Categorical([])
+    columns["value"] = np.empty(0, dtype=np.float64)
+    columns["details"] = pd.Series([], dtype=object)
+    return pd.DataFrame(columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers on the frame
+
+
+def parameter_history(frame: pd.DataFrame, plugin_id: str, parameter_id: str) -> pd.DataFrame:
+    """The value history of one parameter: rows ``timestamp, seq, daid, user_id, value``.
+
+    In seq order. The plugin's creation (``plugin_add``) and preset loads count as changes
+    too, so the history starts at the value the plugin was created with. ``daid`` pins a row
+    exactly for ``ProvenanceStore.state_at(session, daid=...)`` (timestamps have ms
+    resolution and several events can share one).
+    """
+    of_plugin = frame[frame["plugin_id"] == plugin_id]
+    updates = of_plugin[
+        (of_plugin["action"] == "parameter_update") & (of_plugin["parameter_id"] == parameter_id)
+    ]
+    parts = [updates[["timestamp", "seq", "daid", "user_id", "value"]]]
+    carriers = of_plugin[of_plugin["action"].isin(["plugin_add", "preset_load"])]
+    if len(carriers):
+        values = [
+            _number(d.get("parameters", {}).get(parameter_id))
+            if isinstance(d.get("parameters"), dict) else np.nan
+            for d in carriers["details"]
+        ]
+        extra = carriers[["timestamp", "seq", "daid", "user_id"]].assign(value=values)
+        parts.append(extra[extra["value"].notna()])
+    history = pd.concat(parts) if len(parts) > 1 else parts[0]
+    history = history.sort_values("seq", kind="stable", ignore_index=True)
+    return history.astype({"value": "float64"})
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return np.nan
+
+
+def activity_summary(frame: pd.DataFrame, by: str = "user_id") -> pd.DataFrame:
+    """Per ``user_id`` or ``session_id``: event count, first/last timestamp, and one count column
+    per action; sorted by count, descending."""
+    if by not in ("user_id", "session_id"):
+        raise ValueError(f"by must be 'user_id' or 'session_id', got {by!r}")
+    grouped = frame.groupby(by, observed=True)
+    summary = pd.DataFrame(
+        {
+            "events": grouped.size(),
+            "first": grouped["timestamp"].min(),
+            "last": grouped["timestamp"].max(),
+        }
+    )
+    per_action = pd.crosstab(frame[by], frame["action"]).astype("int64")
+    per_action.columns = [str(c) for c in per_action.columns]
+    summary = summary.join(per_action, how="left")
+    summary.index = summary.index.astype(str)
+    summary.index.name = by
+    return summary.sort_values("events", ascending=False, kind="stable")
+
+
+def changes_per_second(frame: pd.DataFrame) -> pd.Series:
+    """Number of ``parameter_update`` events per second (a 1 s-binned series, zeros included)."""
+    stamps = frame.loc[frame["action"] == "parameter_update", "timestamp"]
+    if stamps.empty:
+        return pd.Series([], index=pd.DatetimeIndex([], tz="UTC"), dtype="int64",
+                         name="changes_per_second")
+    counts = stamps.dt.floor("s").value_counts().sort_index()
+    full = pd.date_range(counts.index[0], counts.index[-1], freq="s")
+    series = counts.reindex(full, fill_value=0).astype("int64")
+    series.name = "changes_per_second"
+    return series
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    figure = Figure(**{"figsize": (10, 3.2 * rows), "layout": "constrained", **kwargs})
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, axes
+
+
+def plot_parameter_timeline(
+    frame: pd.DataFrame,
+    plugin_id: str | None = None,
+    parameters: Sequence[str] | None = None,
+) -> Figure:
+    """Step plot of parameter values over time: one line per (plugin, parameter), one marker
+    per change coloured by the user who made it (legend: lines, then users)."""
+    updates = frame[frame["action"] == "parameter_update"]
+    if plugin_id is not None:
+        updates = updates[updates["plugin_id"] == plugin_id]
+    if parameters is not None:
+        updates = updates[updates["parameter_id"].isin(list(parameters))]
+    figure, axes = _figure()
+    ax: Axes = axes[0, 0]
+    users = sorted({str(u) for u in updates["user_id"].dropna()})
+    user_colors = {u: f"C{i % 10}" for i, u in enumerate(users)}
+    groups = updates.groupby(["plugin_id", "parameter_id"], observed=True, sort=True)
+    for (plugin, parameter), rows in groups:
+        label = str(parameter) if plugin_id is not None else f"{plugin}.{parameter}"
+        ax.step(rows["timestamp"], rows["value"], where="post", label=label, color="0.35",
+                linewidth=1.2)
+        ax.scatter(rows["timestamp"], rows["value"], s=14, zorder=3,
+                   c=[user_colors[str(u)] for u in rows["user_id"]])
+    for user in users:  # legend entries for the user colours
+        ax.scatter([], [], s=14, color=user_colors[user], label=f"user: {user}")
+    title = "Parameter timeline" + (f" - {plugin_id}" if plugin_id else "")
+    ax.set(title=title, xlabel="time (UTC)", ylabel="value")
+    if groups.ngroups or users:
+        ax.legend(loc="best", fontsize="small")
+    return figure
+
+
+def plot_activity(frame: pd.DataFrame) -> Figure:
+    """Two panels: events per second over time (one line per user) and event counts per action."""
+    figure, axes = _figure(2, 1)
+    timeline: Axes = axes[0, 0]
+    bars: Axes = axes[1, 0]
+    if len(frame):
+        seconds = frame["timestamp"].dt.floor("s")
+        per_user = pd.crosstab(seconds, frame["user_id"])
+        for user in per_user.columns:
+            timeline.plot(per_user.index, per_user[user], label=str(user))
+        counts = frame["action"].value_counts()
+        counts = counts[counts > 0]
+        bars.bar([str(a) for a in counts.index], counts.to_numpy())
+        timeline.legend(loc="best", fontsize="small")
+        bars.tick_params(axis="x", labelrotation=30)
+    timeline.set(title="Events per second by user", xlabel="time (UTC)", ylabel="events/s")
+    bars.set(title="Events by action", ylabel="events")
+    return figure
+
+
+def _as_channels(audio: np.ndarray) -> np.ndarray:
+    data = np.asarray(audio, dtype=np.float64)
+    if data.ndim == 1:
+        return data[np.newaxis, :]
+    if data.ndim != 2:
+        raise ValueError(f"audio must be (channels, samples) or (samples,), got shape {data.shape}")
+    return data
+
+
+def plot_waveform(audio: np.ndarray, sample_rate: int) -> Figure:
+    """One panel per channel: amplitude over time (``audio`` is channels x samples)."""
+    data = _as_channels(audio)
+    figure, axes = _figure(len(data), 1)
+    times = np.arange(data.shape[1]) / float(sample_rate)
+    for index, channel in enumerate(data):
+        ax: Axes = axes[index, 0]
+        ax.plot(times, channel, linewidth=0.6)
+        ax.set(title=f"Channel {index + 1}", xlabel="time (s)", ylabel="amplitude")
+    return figure
+
+
+def plot_spectrogram(audio: np.ndarray, sample_rate: int) -> Figure:
+    """One spectrogram panel per channel (dB, Hann window)."""
+    data = _as_channels(audio)
+    figure, axes = _figure(len(data), 1)
+    nfft = int(min(2048, max(16, 2 ** int(np.log2(max(data.shape[1], 16)) - 1))))
+    for index, channel in enumerate(data):
+        ax: Axes = axes[index, 0]
+        ax.specgram(channel, NFFT=nfft, Fs=sample_rate, noverlap=nfft // 2, cmap="magma")
+        ax.set(title=f"Spectrogram - channel {index + 1}", xlabel="time (s)",
+               ylabel="frequency (Hz)")
+    return figure
+
+
+def _spectrum_db(data: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    mono = data.mean(axis=0)
+    window = np.hanning(len(mono)) if len(mono) > 1 else np.ones(len(mono))
+    magnitude = np.abs(np.fft.rfft(mono * window)) / max(window.sum(), 1e-12) * 2
+    freqs = np.fft.rfftfreq(len(mono), 1.0 / sample_rate)
+    return freqs, 20 * np.log10(np.maximum(magnitude, 1e-12))
+
+
+def _level_db(data: np.ndarray) -> tuple[float, float]:
+    peak = float(np.max(np.abs(data))) if data.size else 0.0
+    rms = float(np.sqrt(np.mean(data**2))) if data.size else 0.0
+    return 20 * np.log10(max(peak, 1e-12)), 20 * np.log10(max(rms, 1e-12))
+
+
+def plot_comparison(dry: np.ndarray, wet: np.ndarray, sample_rate: int) -> Figure:
+    """Before/after: peak and RMS levels (dBFS) side by side, and the two spectra overlaid."""
+    dry_data, wet_data = _as_channels(dry), _as_channels(wet)
+    figure, axes = _figure(1, 2, figsize=(12, 4))
+    levels: Axes = axes[0, 0]
+    spectra: Axes = axes[0, 1]
+    (dry_peak, dry_rms), (wet_peak, wet_rms) = _level_db(dry_data), _level_db(wet_data)
+    x = np.arange(2)
+    levels.bar(x - 0.2, [dry_peak, dry_rms], width=0.4, label="dry")
+    levels.bar(x + 0.2, [wet_peak, wet_rms], width=0.4, label="wet")
+    levels.set_xticks(x, ["peak", "RMS"])
+    levels.set(title="Levels", ylabel="dBFS")
+    levels.legend()
+    for label, data in (("dry", dry_data), ("wet", wet_data)):
+        freqs, db = _spectrum_db(data, sample_rate)
+        spectra.semilogx(freqs[1:], db[1:], label=label, linewidth=0.8)
+    spectra.set(title="Spectrum", xlabel="frequency (Hz)", ylabel="magnitude (dB)")
+    spectra.legend()
+    return figure

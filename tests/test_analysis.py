@@ -1,0 +1,330 @@
+"""events_frame and its helpers on real SQLite stores; plots rendered with the Agg backend."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sqlite3
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import pluginlab  # noqa: F401
+except ImportError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(ROOT))
+
+from pluginlab.analysis import (
+    CATEGORY_COLUMNS,
+    EVENT_COLUMNS,
+    activity_summary,
+    changes_per_second,
+    events_frame,
+    parameter_history,
+    plot_activity,
+    plot_comparison,
+    plot_parameter_timeline,
+    plot_spectrogram,
+    plot_waveform,
+)
+from pluginlab.provenance import EventDraft, ProvenanceStore
+
+T0 = datetime(2026, 11, 25, 20, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, step: timedelta) -> None:
+        self.now = T0
+        self.step = step
+
+    def __call__(self) -> datetime:
+        current = self.now
+        self.now += self.step
+        return current
+
+
+def add(plugin: str, track: str, session: str, user: str, **parameters: float) -> EventDraft:
+    return EventDraft(user, session, "plugin_add", "plugin", plugin, "create", {
+        "track_id": track, "plugin_id": plugin, "name": "Reverb", "plugin_path": None,
+        "index": None, "parameters": parameters, "bypass": False})
+
+
+def param(plugin: str, track: str, name: str, value: float, session: str,
+          user: str) -> EventDraft:
+    return EventDraft(user, session, "parameter_update", "parameter", f"{plugin}.{name}",
+                      "update", {"track_id": track, "plugin_id": plugin, "parameter_id": name,
+                                 "value": value, "previous_value": None})
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Any:
+    """Two sessions, three users; events 250 ms apart starting at T0."""
+    with ProvenanceStore(tmp_path / "a.sqlite", clock=Clock(timedelta(milliseconds=250))) as s:
+        s.append(EventDraft("alice", "s1", "auth", "user", "alice", "auth", {}))      # 1
+        s.append(add("rev", "t1", "s1", "alice", wet_dry=0.3, room_size=0.5))          # 2
+        s.append(param("rev", "t1", "wet_dry", 0.4, "s1", "alice"))                     # 3
+        s.append(param("rev", "t1", "wet_dry", 0.6, "s1", "bob"))                       # 4
+        s.append(param("rev", "t1", "room_size", 0.9, "s1", "bob"))                     # 5
+        s.append(EventDraft("bob", "s1", "plugin_bypass", "plugin", "rev", "bypass",
+                            {"track_id": "t1", "plugin_id": "rev", "bypass": True}))  # 6
+        s.append(EventDraft("alice", "s1", "preset_load", "preset", "rev.hall", "preset_load",
+                            {"track_id": "t1", "plugin_id": "rev", "preset_name": "hall",
+                             "parameters": {"wet_dry": 0.2, "room_size": 1.0}}))     # 7
+        s.append(add("dly", "t2", "s2", "carol", mix=0.5))                              # 8
+        s.append_many([param("dly", "t2", "mix", 0.1 * k, "s2", "carol")
+                       for k in range(1, 5)])                                           # 9-12
+        s.append(param("rev", "t1", "wet_dry", 0.1 + 0.2, "s1", "alice"))               # 13
+        yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# events_frame
+
+
+def test_events_frame_columns_dtypes_and_values(store: ProvenanceStore) -> None:
+    frame = events_frame(store)
+    events = store.events()
+    assert list(frame.columns) == list(EVENT_COLUMNS)
+    assert len(frame) == 13
+    assert frame["seq"].dtype == np.int64
+    assert list(frame["seq"]) == [e.seq for e in events]
+    assert list(frame["daid"]) == [e.daid for e in events]
+    assert str(frame["timestamp"].dtype) == "datetime64[ms, UTC]"
+    assert frame["timestamp"].iloc[0] == pd.Timestamp(T0)
+    assert frame["timestamp"].iloc[2] == pd.Timestamp(T0 + timedelta(milliseconds=500))
+    for column in CATEGORY_COLUMNS:
+        assert isinstance(frame[column].dtype, pd.CategoricalDtype), column
+    assert frame["value"].dtype == np.float64
+    assert list(frame["details"]) == [e.details for e in events]
+    assert all(isinstance(d, dict) for d in frame["details"])
+    auth = frame.iloc[0]
+    assert auth["action"] == "auth" and auth["entity_type"] == "user"
+    assert pd.isna(auth["plugin_id"]) and pd.isna(auth["track_id"]) and math.isnan(auth["value"])
+    update = frame.iloc[3]
+    assert (update["user_id"], update["plugin_id"], update["track_id"],
+            update["parameter_id"], update["value"]) == ("bob", "rev", "t1", "wet_dry", 0.6)
+    assert frame["value"].iloc[-1] == 0.1 + 0.2  # exact: 0.30000000000000004, not 0.3
+    assert frame["operation"].iloc[5] == "bypass"
+    assert sorted(frame["user_id"].cat.categories) == ["alice", "bob", "carol"]
+
+
+def test_events_frame_from_a_path_equals_from_the_store(store: ProvenanceStore) -> None:
+    pd.testing.assert_frame_equal(events_frame(store.path), events_frame(store))
+
+
+@pytest.mark.parametrize(
+    ("filters", "seqs"),
+    [
+        ({"session_id": "s2"}, [8, 9, 10, 11, 12]),
+        ({"user_id": "bob"}, [4, 5, 6]),
+        ({"user_id": ["bob", "carol"]}, [4, 5, 6, 8, 9, 10, 11, 12]),
+        ({"plugin_id": "rev"}, [2, 3, 4, 5, 6, 7, 13]),
+        ({"start": T0 + timedelta(milliseconds=500), "end": "2026-11-25T20:00:01.000Z"},
+         [3, 4, 5]),
+        ({"session_id": "s1", "user_id": "alice", "plugin_id": "rev"}, [2, 3, 7, 13]),
+        ({"session_id": "nobody"}, []),
+    ],
+)
+def test_events_frame_filters(store: ProvenanceStore, filters: dict[str, Any],
+                              seqs: list[int]) -> None:
+    frame = events_frame(store, **filters)
+    assert list(frame["seq"]) == seqs
+    assert list(frame.columns) == list(EVENT_COLUMNS)
+    if seqs:  # the filtered rows carry their own values, aligned
+        by_seq = {e.seq: e for e in store.events()}
+        assert list(frame["daid"]) == [by_seq[s].daid for s in seqs]
+        assert list(frame["user_id"]) == [by_seq[s].user_id for s in seqs]
+        assert list(frame["details"]) == [by_seq[s].details for s in seqs]
+
+
+def test_events_frame_of_an_empty_log(tmp_path: Path) -> None:
+    with ProvenanceStore(tmp_path / "e.sqlite") as store:
+        frame = events_frame(store)
+    assert frame.empty and list(frame.columns) == list(EVENT_COLUMNS)
+    assert str(frame["timestamp"].dtype) == "datetime64[ms, UTC]"
+    assert isinstance(frame["user_id"].dtype, pd.CategoricalDtype)
+
+
+def test_events_frame_survives_hand_written_rows(store: ProvenanceStore) -> None:
+    """Rows no store would write (odd action, separator in an id, free-form timestamp, details
+    that are not an object) take the slow paths and still come back right. (Details that are
+    not JSON at all cannot be stored: the generated columns' json_extract refuses them.)"""
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(
+            "INSERT INTO daid_events(id, seq, user_id, action, details, timestamp, session_id, "
+            "entity_type, entity_id, operation, parents, prev_hash, chain_hash) "
+            "VALUES ('odd\x1fid', 14, 'dave', 'custom_action', '\"just text\"', "
+            "'2026-11-25 20:00:09', 's1', NULL, NULL, NULL, '[]', 'x', 'y')"
+        )
+    conn.close()
+    frame = events_frame(store)
+    last = frame.iloc[-1]
+    assert (last["seq"], last["daid"], last["action"], last["details"]) == (
+        14, "odd\x1fid", "custom_action", "just text")
+    assert last["timestamp"] == pd.Timestamp("2026-11-25T20:00:09Z")
+    assert pd.isna(last["entity_type"])
+    assert list(frame["action"].iloc[:2]) == ["auth", "plugin_add"]
+    assert frame["details"].iloc[2] == store.events()[2].details
+
+
+def test_events_frame_is_consistent_while_the_log_grows(tmp_path: Path) -> None:
+    with ProvenanceStore(tmp_path / "g.sqlite") as store:
+        store.append(add("rev", "t1", "s", "u", wet_dry=0.0))
+        stop = threading.Event()
+
+        def writer() -> None:
+            k = 0
+            while not stop.is_set():
+                store.append_many([param("rev", "t1", "wet_dry", (k + i) / 1e4, "s", "u")
+                                   for i in range(50)])
+                k += 50
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            for _ in range(5):
+                frame = events_frame(store)
+                assert list(frame["seq"]) == list(range(1, len(frame) + 1))
+                values = [d.get("value", np.nan) for d in frame["details"]]
+                np.testing.assert_array_equal(frame["value"].to_numpy(), values)
+                assert (frame["plugin_id"] == "rev").all()
+        finally:
+            stop.set()
+            thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_parameter_history(store: ProvenanceStore) -> None:
+    history = parameter_history(events_frame(store), "rev", "wet_dry")
+    assert list(history.columns) == ["timestamp", "seq", "daid", "user_id", "value"]
+    assert list(history["seq"]) == [2, 3, 4, 7, 13]  # creation, updates, preset load
+    by_seq = {e.seq: e.daid for e in store.events()}
+    assert list(history["daid"]) == [by_seq[s] for s in history["seq"]]
+    middle = history.iloc[2]  # the exact state after that change, from the log
+    then = store.state_at("s1", daid=middle["daid"])
+    assert then["t1"][0]["parameters"]["wet_dry"] == middle["value"] == 0.6
+    assert list(history["value"]) == [0.3, 0.4, 0.6, 0.2, 0.1 + 0.2]
+    assert list(history["user_id"]) == ["alice", "alice", "bob", "alice", "alice"]
+    assert parameter_history(events_frame(store), "dly", "nope").empty
+
+
+def test_activity_summary(store: ProvenanceStore) -> None:
+    frame = events_frame(store)
+    by_user = activity_summary(frame)
+    assert list(by_user.index) == ["alice", "carol", "bob"]
+    assert list(by_user["events"]) == [5, 5, 3]
+    assert by_user.loc["alice", "parameter_update"] == 2
+    assert by_user.loc["bob", "plugin_bypass"] == 1
+    assert by_user.loc["carol", "first"] == pd.Timestamp(T0 + timedelta(milliseconds=1750))
+    by_session = activity_summary(frame, by="session_id")
+    assert dict(by_session["events"]) == {"s1": 8, "s2": 5}
+    with pytest.raises(ValueError, match="user_id"):
+        activity_summary(frame, by="action")
+
+
+def test_changes_per_second(store: ProvenanceStore) -> None:
+    series = changes_per_second(events_frame(store))
+    # updates at 0.5, 0.75, 1.0 | 2.0, 2.25, 2.5, 2.75 | 3.0 s after T0
+    assert list(series) == [2, 1, 4, 1]
+    assert series.index[0] == pd.Timestamp(T0)
+    assert series.name == "changes_per_second"
+    assert changes_per_second(events_frame(store, user_id="nobody")).empty
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def rendered(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def test_parameter_timeline_has_one_line_per_parameter(store: ProvenanceStore) -> None:
+    frame = events_frame(store)
+    figure = plot_parameter_timeline(frame)
+    assert isinstance(figure, Figure)
+    ax = figure.axes[0]
+    assert len(ax.lines) == 3  # rev.wet_dry, rev.room_size, dly.mix
+    labels = ax.get_legend().get_texts()
+    assert {t.get_text() for t in labels} >= {"rev.wet_dry", "rev.room_size", "dly.mix",
+                                               "user: alice", "user: bob", "user: carol"}
+    only_rev = plot_parameter_timeline(frame, plugin_id="rev").axes[0]
+    assert len(only_rev.lines) == 2
+    one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes[0]
+    assert len(one.lines) == 1
+    np.testing.assert_allclose(one.lines[0].get_ydata(), [0.4, 0.6, 0.1 + 0.2])
+    marker_colours = {tuple(c) for c in one.collections[0].get_facecolors()}
+    assert len(marker_colours) == 2  # alice and bob changed wet_dry
+    assert rendered(figure).startswith(b"\x89PNG")
+
+
+def test_plot_activity(store: ProvenanceStore) -> None:
+    figure = plot_activity(events_frame(store))
+    assert isinstance(figure, Figure)
+    timeline, bars = figure.axes
+    assert len(timeline.lines) == 3  # one per user
+    assert len(bars.patches) == 5  # auth, plugin_add, parameter_update, plugin_bypass, preset_load
+    assert rendered(figure)
+    assert isinstance(plot_activity(events_frame(store, user_id="nobody")), Figure)
+
+
+def tone(seconds: float = 0.5, rate: int = 8000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    left = 0.5 * np.sin(2 * np.pi * 440 * t)
+    return np.stack([left, 0.25 * np.sin(2 * np.pi * 880 * t)])
+
+
+def test_plot_waveform_and_spectrogram() -> None:
+    audio = tone()
+    waveform = plot_waveform(audio, 8000)
+    assert isinstance(waveform, Figure) and len(waveform.axes) == 2
+    np.testing.assert_allclose(waveform.axes[0].lines[0].get_ydata(), audio[0])
+    assert waveform.axes[0].lines[0].get_xdata()[-1] == pytest.approx((audio.shape[1] - 1) / 8000)
+    mono = plot_waveform(audio[0], 8000)
+    assert len(mono.axes) == 1
+    spectrogram = plot_spectrogram(audio, 8000)
+    assert isinstance(spectrogram, Figure) and len(spectrogram.axes) == 2
+    assert spectrogram.axes[0].images
+    assert rendered(spectrogram)
+    with pytest.raises(ValueError, match="channels, samples"):
+        plot_waveform(np.zeros((2, 2, 2)), 8000)
+
+
+def test_plot_comparison() -> None:
+    dry = tone()
+    wet = dry * 0.5
+    figure = plot_comparison(dry, wet, 8000)
+    assert isinstance(figure, Figure)
+    levels, spectra = figure.axes
+    assert levels.get_title() == "Levels" and spectra.get_title() == "Spectrum"
+    heights = [p.get_height() for p in levels.patches]
+    assert len(heights) == 4
+    dry_peak, dry_rms, wet_peak, wet_rms = heights
+    assert wet_peak == pytest.approx(dry_peak - 20 * np.log10(2), abs=1e-6)
+    assert wet_rms == pytest.approx(dry_rms - 20 * np.log10(2), abs=1e-6)
+    assert [line.get_label() for line in spectra.lines] == ["dry", "wet"]
+    assert rendered(figure)
+
+
+def test_every_json_detail_survives_the_frame(store: ProvenanceStore) -> None:
+    frame = events_frame(store)
+    assert json.dumps(list(frame["details"]), sort_keys=True) == json.dumps(
+        [e.details for e in store.events()], sort_keys=True)
