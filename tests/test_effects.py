@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pluginlab.effects import EffectSpec, find, library
+from pluginlab.owner import owner
 from pluginlab.parameters import ParameterSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,12 +126,21 @@ class Rig:
         self.player = self.engine.make_playback_processor("test_input", noise(BLOCK))
 
     def describe(self, key: str) -> list[dict[str, Any]]:
-        return list(self.procs[key].get_parameters_description())
+        return owner().call(lambda: list(self.procs[key].get_parameters_description()))
 
     def render(
         self, key: str, audio: np.ndarray | None = None, seconds: float = 1.0, **values: float
     ) -> np.ndarray:
-        """Render built-in ``key`` with its defaults overridden by ``values``."""
+        """Render built-in ``key`` with its defaults overridden by ``values``.
+
+        Runs on pluginlab's owner thread: DawDreamer renders only on the first thread that
+        ever rendered in the process, and the rest of the suite renders there too.
+        """
+        return owner().call(lambda: self._render(key, audio, seconds, **values))
+
+    def _render(
+        self, key: str, audio: np.ndarray | None, seconds: float, **values: float
+    ) -> np.ndarray:
         spec, proc = LIB[key], self.procs[key]
         unknown = set(values) - {p.id for p in spec.parameters}
         assert not unknown, f"{spec.name} has no parameter {unknown}"
@@ -157,7 +167,7 @@ _RIGS: dict[int, Rig] = {}
 
 def rig_at(sr: int) -> Rig:
     if sr not in _RIGS:
-        _RIGS[sr] = Rig(sr)
+        _RIGS[sr] = owner().call(Rig, sr)
     return _RIGS[sr]
 
 

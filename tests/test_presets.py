@@ -1,0 +1,164 @@
+"""Presets: factory (read-only, data/presets) and user (tmp folder) presets through the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pluginlab import Engine, PresetLibrary, Source
+from pluginlab.effects import library
+from pluginlab.errors import ErrorCode, PresetLoadFailed
+from pluginlab.presets import FACTORY_DIR, default_user_dir, preset_key
+
+NOISE = Source.noise(0.5, seed=11)
+
+
+def factory_names(key: str) -> list[str]:
+    return sorted((json.loads(p.read_text())["name"] for p in (FACTORY_DIR / key).glob("*.json")),
+                  key=str.lower)
+
+
+@pytest.fixture
+def reverb(engine: Engine):
+    return engine.add_track("t", NOISE).add("Reverb")
+
+
+@pytest.mark.parametrize("key", sorted(library()))
+def test_factory_presets_listed_for_every_builtin(tmp_path: Path, key: str):
+    names = PresetLibrary(user_dir=tmp_path).names(key)
+    assert names, f"no factory presets for {key}"
+    assert names == factory_names(key)
+    assert all(entry["factory"] for entry in PresetLibrary(user_dir=tmp_path).describe(key))
+
+
+def test_plugin_lists_its_presets(reverb):
+    assert reverb.preset_key == "reverb"
+    assert reverb.presets() == factory_names("reverb")
+    assert "Large Hall" in reverb.presets()
+
+
+def test_load_factory_preset(engine: Engine, reverb):
+    values = reverb.load_preset("Large Hall")
+    body = json.loads((FACTORY_DIR / "reverb" / "large_hall.json").read_text())
+    assert values == {k: float(v) for k, v in body["parameters"].items()}
+    assert reverb.values == values
+
+
+def test_save_and_load_by_name(engine: Engine, reverb):
+    track = engine.track("t")
+    reverb.update({"wet_dry": 0.6, "room_size": 0.2, "damping": 0.9, "pre_delay": 0.0})
+    saved = reverb.values
+    audio = track.render(0.5)
+    path = reverb.save_preset("My Room")
+    assert path.parent == engine.presets.user_dir / "reverb"
+    assert json.loads(path.read_text())["parameters"] == saved
+    assert "My Room" in reverb.presets()
+
+    reverb.load_preset("Large Hall")
+    assert reverb.values != saved
+    assert reverb.load_preset("My Room") == saved
+    assert np.array_equal(track.render(0.5), audio)
+    assert "My Room" not in PresetLibrary(user_dir=path.parent.parent / "elsewhere").names("reverb")
+
+
+def test_load_from_dict(reverb):
+    values = reverb.load_preset({"wet_dry": 0.1, "room_size": 0.95})
+    assert values["wet_dry"] == 0.1 and values["room_size"] == 0.95
+    assert reverb.damping == 0.5  # untouched ids keep their values
+
+
+def test_unknown_preset_lists_available(reverb):
+    with pytest.raises(PresetLoadFailed) as info:
+        reverb.load_preset("Cathedral")
+    err = info.value
+    assert err.code is ErrorCode.PRESET_LOAD_FAILED
+    assert err.details["plugin_id"] == reverb.id
+    for name in factory_names("reverb"):
+        assert name in err.message
+    with pytest.raises(PresetLoadFailed):
+        reverb.load_preset(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"wet_dry": 0.2, "loudness": 1.0}, {"wet_dry": 0.2, "room_size": 3.0},
+     {"wet_dry": float("nan")}, {"pre_delay": True}],
+)
+def test_bad_preset_changes_nothing(engine: Engine, reverb, bad: dict[str, object]):
+    track = engine.track("t")
+    reverb.update({"wet_dry": 0.4})
+    before, audio = reverb.values, track.render(0.5)
+    with pytest.raises(PresetLoadFailed):
+        reverb.load_preset(bad)
+    # the same data stored as a user preset file
+    folder = engine.presets.user_dir / "reverb"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.json").write_text(json.dumps({"name": "Broken", "parameters": {
+        k: (str(v) if isinstance(v, float) and math.isnan(v) else v) for k, v in bad.items()}}))
+    with pytest.raises(PresetLoadFailed):
+        reverb.load_preset("Broken")
+    assert reverb.values == before
+    assert np.array_equal(track.render(0.5), audio)
+
+
+def test_delete_user_preset(reverb):
+    reverb.save_preset("Scratch")
+    reverb.delete_preset("Scratch")
+    assert "Scratch" not in reverb.presets()
+    with pytest.raises(PresetLoadFailed, match="Scratch"):
+        reverb.load_preset("Scratch")
+    with pytest.raises(PresetLoadFailed, match="unknown preset"):
+        reverb.delete_preset("Scratch")
+
+
+def test_factory_presets_are_read_only(reverb):
+    with pytest.raises(PresetLoadFailed, match="read-only"):
+        reverb.delete_preset("Large Hall")
+    assert (FACTORY_DIR / "reverb" / "large_hall.json").exists()
+    assert "Large Hall" in reverb.presets()
+
+
+def test_user_preset_shadows_factory(engine: Engine, reverb):
+    reverb.update({"wet_dry": 0.05, "room_size": 0.05})
+    mine = reverb.values
+    reverb.save_preset("Large Hall")
+    assert reverb.presets().count("Large Hall") == 1
+    entry = next(e for e in engine.presets.describe("reverb") if e["name"] == "Large Hall")
+    assert entry["factory"] is False
+    reverb.load_preset("Small Room")
+    assert reverb.load_preset("Large Hall") == mine
+    reverb.delete_preset("Large Hall")  # removes the user copy only
+    assert reverb.load_preset("Large Hall")["room_size"] == 0.9
+
+
+def test_empty_preset_name_is_refused(reverb):
+    for name in ("", "   "):
+        with pytest.raises(PresetLoadFailed):
+            reverb.save_preset(name)
+
+
+def test_full_state_only_for_binaries(reverb, tmp_path: Path):
+    with pytest.raises(PresetLoadFailed, match="binaries"):
+        reverb.save_state(tmp_path / "x.bin")
+
+
+def test_damaged_files_are_skipped(tmp_path: Path):
+    lib = PresetLibrary(user_dir=tmp_path)
+    (tmp_path / "reverb").mkdir()
+    (tmp_path / "reverb" / "junk.json").write_text("{not json")
+    (tmp_path / "reverb" / "list.json").write_text(json.dumps({"parameters": [1, 2]}))
+    assert lib.names("reverb") == factory_names("reverb")
+
+
+def test_keys_and_user_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    assert preset_key(" Reverb ", None) == "reverb"
+    key = preset_key("Dragonfly", "/usr/lib/lxvst/DragonflyRoomReverb-vst.so")
+    assert key.startswith("dragonflyroomreverb_vst_so-") and len(key.split("-")[-1]) == 8
+    assert key != preset_key("Dragonfly", "/opt/other/DragonflyRoomReverb-vst.so")
+    monkeypatch.setenv("PLUGINLAB_PRESETS", str(tmp_path))
+    assert default_user_dir() == tmp_path
+    assert PresetLibrary().user_dir == tmp_path
