@@ -59,10 +59,11 @@ async def start(
     """
     global _CURRENT
     key = (session_id, user_id, port, db, tuple(sorted(options.items())))
+    loop = asyncio.get_running_loop()
     if _CURRENT is not None and not _CURRENT.stopped:
-        if _CURRENT._key == key and _CURRENT.loop is asyncio.get_running_loop():
+        if _CURRENT._key == key and _CURRENT.loop is loop:
             return _CURRENT
-        await _CURRENT.stop()
+        await _CURRENT._stop_from(loop)
     config = ServerConfig.from_env(port=port, db=db, **options)
     server = await PluginServer(config).start()
     lab = Lab(server, session_id, user_id, key)
@@ -227,6 +228,27 @@ class Lab:
         await self.server.stop()
         if _CURRENT is self:
             _CURRENT = None
+
+    async def _stop_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop this lab from ``loop``, which may not be the lab's own.
+
+        A script calling ``asyncio.run`` twice (or a test that forgot ``stop()``) leaves a lab
+        whose loop is closed: its server cannot be awaited any more (that raised "Event loop is
+        closed" and made every later ``start()`` fail), so it is forgotten and only its
+        provenance store, which is loop-independent, is closed; its listening socket is left
+        to garbage collection. A lab on another running loop is stopped on that loop.
+        """
+        global _CURRENT
+        if self.loop is loop:
+            await self.stop()
+        elif self.loop.is_closed() or not self.loop.is_running():
+            self.stopped = True
+            if _CURRENT is self:
+                _CURRENT = None
+            if self.store is not None:
+                self.store.close()
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(), self.loop))
 
     async def _join(self) -> None:
         reply = await self.request("AUTH", {"token": self.token(self.user_id),

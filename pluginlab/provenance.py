@@ -1305,6 +1305,9 @@ class ProvenanceStore:
             self._tmpdir = tempfile.mkdtemp(prefix="pluginlab-provenance-")
             path = os.path.join(self._tmpdir, "provenance.sqlite")
         self.path = os.fspath(path)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
         self.fsync = fsync
         self._now_ms: Callable[[], int] = (
             (lambda: time.time_ns() // 1_000_000) if clock is None else (lambda: _to_ms(clock()))

@@ -15,6 +15,8 @@ Binding rules (two-way, no echo loops, no lost updates):
 * A change from elsewhere (a PLUGIN_STATE_UPDATE / relay broadcast) sets the control while an
   origin flag is up, so the observer does not send it back; values are rounded to the control's
   step first, because the browser would otherwise answer with its own rounded value.
+* A panel's own move is not applied back to that panel when the lab reports it (other panels
+  of the same plugin do show it), so a fast drag never makes the control jump back.
 * Every ``observe`` has its ``unobserve`` in :meth:`PluginPanel.close`.
 """
 
@@ -38,6 +40,12 @@ if TYPE_CHECKING:
 __all__ = ["PluginPanel", "TrackPanel", "PresencePanel", "control_for"]
 
 _REMOTE = contextvars.ContextVar("pluginlab_widget_remote", default=False)
+# The panel whose user move is being sent (set inside that send's own task). The lab shows the
+# kernel's own changes to its listeners, so the sending panel would otherwise be set back to
+# each of its earlier values as their replies arrive: during a fast drag the slider jumped back
+# (0.4, 0.5, 0.6 -> 0.4, 0.5, 0.6 again) and each jump was sent to the browser.
+_ORIGIN: contextvars.ContextVar[PluginPanel | None] = contextvars.ContextVar(
+    "pluginlab_widget_origin", default=None)
 
 
 def control_for(spec: ParameterSpec, value: float) -> w.ValueWidget:
@@ -124,6 +132,7 @@ class PluginPanel:
         return handler
 
     async def _send(self, pid: str, value: float) -> None:
+        _ORIGIN.set(self)  # this task's context only (see _on_message)
         try:
             await self.lab.set(self.plugin, pid, value)
             self.texts[pid].value = self._text(pid)
@@ -193,6 +202,8 @@ class PluginPanel:
         if kind in ("PLUGIN_STATE_UPDATE", "PLUGIN_PARAMETER_BATCH", "PLUGIN_PRESET"):
             self.apply(data.get("parameters") or {})
         elif kind == "PLUGIN_PARAMETER":
+            if _ORIGIN.get() is self:  # our own move coming back: the control already shows it
+                return
             self.apply({data["parameter_id"]: data["parameter_value"]})
         elif kind == "PLUGIN_BYPASS":
             with _remote():

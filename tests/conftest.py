@@ -21,7 +21,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pluginlab import Engine, PresetLibrary
+from pluginlab.owner import owner
 from pluginlab.vst import scan
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start pluginlab's engine owner before any test touches DawDreamer: DawDreamer renders
+    only on the first thread that ever rendered in a process (see README, Decisions)."""
+    owner()
+
 
 PREFERRED_VST = "/usr/lib/lxvst/DragonflyRoomReverb-vst.so"
 INSTALL_HINT = "no Linux VST installed: apt-get install dragonfly-reverb-vst zam-plugins"
