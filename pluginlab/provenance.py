@@ -1281,6 +1281,16 @@ def _read_session_state(conn: sqlite3.Connection, session_id: str) -> State:
     return state
 
 
+def _memo(cache: dict[str, str], value: str, compute: Callable[[str], str]) -> str:
+    """``compute(value)`` through a small bounded cache (cleared when it grows past 4096)."""
+    text = cache.get(value)
+    if text is None:
+        if len(cache) > 4096:
+            cache.clear()
+        text = cache[value] = compute(value)
+    return text
+
+
 class ProvenanceStore:
     """The DAID event log and plugin-state projection in one SQLite file.
 
@@ -1594,23 +1604,11 @@ class ProvenanceStore:
 
     def _jstr(self, value: str) -> str:
         """Cached canonical JSON of a string (ids and names repeat from event to event)."""
-        cache = self._json_cache
-        text = cache.get(value)
-        if text is None:
-            if len(cache) > 4096:
-                cache.clear()
-            text = cache[value] = encode_basestring(value)
-        return text
+        return _memo(self._json_cache, value, encode_basestring)
 
     def _escape(self, value: str) -> str:
         """Cached :func:`escape_id`."""
-        cache = self._escape_cache
-        text = cache.get(value)
-        if text is None:
-            if len(cache) > 4096:
-                cache.clear()
-            text = cache[value] = escape_id(value)
-        return text
+        return _memo(self._escape_cache, value, escape_id)
 
     def _project(self, event: Event, changes: _Changes) -> None:
         """Apply ``event`` to the in-memory state and note which rows must be written."""
