@@ -26,7 +26,7 @@ serve: setup
 	$(VENV)/bin/pluginlab serve
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake tests notebooks
 
 bench: setup
 	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done

@@ -81,11 +81,9 @@ def text_of(nb: nbformat.NotebookNode) -> str:
                    for o in c.outputs)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_without_error(path: Path) -> None:
-    nb = execute(path)
-    last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    assert any("stopped" in o.get("text", "") for o in last.outputs), "the lab was not stopped"
+# Running each notebook end to end is nbmake's job: `make test` runs
+# `pytest --nbmake tests notebooks`, so every notebook (with its own timeout and its own
+# kernel-side assertions) is a test item of the same run.
 
 
 def test_external_plugins_notebook_explains_and_skips_without_plugins() -> None:
