@@ -10,6 +10,9 @@ the user's files and never collide on ports.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -127,3 +130,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(step)
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
+    """An HS256 token signed by hand (PyJWT refuses to use a PEM key as an HMAC secret)."""
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(payload).encode())
+    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"

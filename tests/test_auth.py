@@ -6,10 +6,6 @@ with :class:`pluginlab.auth.Authenticator`; the blocking logic runs on a fake cl
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
 from typing import Any
 
@@ -17,6 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from server_helpers import forge_hs256
 
 from pluginlab.auth import AuthConfig, Authenticator, Identity, generate_secret
 from pluginlab.errors import AuthFailed, ErrorCode
@@ -46,18 +43,6 @@ def reason(auth: Authenticator, token: Any, claimed: Any = None) -> str:
         auth.verify(token, claimed)
     assert info.value.code is ErrorCode.AUTH_FAILED
     return str(info.value.details["reason"])
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
-    """An HS256 token signed by hand (PyJWT refuses to use a PEM key as an HMAC secret)."""
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(payload).encode())
-    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(sig)}"
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def msg(msg_type: Any, data: Any = None, **envelope_fields: Any) -> str:
     return json.dumps(body)
 
 
-def invalid(frame: str | bytes) -> InvalidMessage:
+def expect_invalid(frame: str | bytes) -> InvalidMessage:
     with pytest.raises(InvalidMessage) as info:
         parse(frame)
     assert info.value.code is ErrorCode.INVALID_MESSAGE
@@ -74,7 +74,7 @@ def test_legacy_update_parameter_value_and_parameter_value() -> None:
     req = parse(msg("UPDATE_PARAMETER", {"pluginId": "p1", "parameterId": "wet_dry",
                                          "parameterValue": 0.2}))
     assert req.data["parameter_value"] == 0.2
-    err = invalid(msg("UPDATE_PARAMETER", {"pluginId": "p1", "parameterId": "wet_dry"}))
+    err = expect_invalid(msg("UPDATE_PARAMETER", {"pluginId": "p1", "parameterId": "wet_dry"}))
     assert err.details == {"field": "parameter_value", "reason": "required field missing"}
 
 
@@ -131,14 +131,14 @@ def test_missing_or_empty_id_gets_a_legacy_id_and_integer_ids_become_strings() -
 
 @pytest.mark.parametrize("bad_id", [True, False, 1.5, [], {}, ["x"]])
 def test_ids_of_other_types_are_invalid(bad_id: Any) -> None:
-    assert invalid(msg("PING", id=bad_id)).details["field"] == "id"
+    assert expect_invalid(msg("PING", id=bad_id)).details["field"] == "id"
 
 
 def test_data_missing_or_null_is_empty_and_other_data_is_invalid() -> None:
     assert parse('{"type": "PING"}').data == {}
     assert parse('{"type": "PING", "data": null}').data == {}
     for bad in ("[]", '"x"', "1", "true"):
-        err = invalid('{"type": "PING", "data": ' + bad + "}")
+        err = expect_invalid('{"type": "PING", "data": ' + bad + "}")
         assert err.details == {"field": "data", "reason": "must be an object"}
 
 
@@ -153,19 +153,19 @@ def test_client_user_and_session_in_the_envelope_do_not_reach_the_request() -> N
     "", "not json", "{", '{"type": "PING"', "[1, 2", "\x00", b"\xff\xfe\xfa",
 ])
 def test_not_json_is_invalid(frame: str | bytes) -> None:
-    assert "not valid JSON" in invalid(frame).details["reason"]
+    assert "not valid JSON" in expect_invalid(frame).details["reason"]
 
 
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_tokens_are_invalid_json(token: str) -> None:
     frame = PARAMETER_FRAME.replace("VALUE", token)
-    assert "not valid JSON" in invalid(frame).details["reason"]
+    assert "not valid JSON" in expect_invalid(frame).details["reason"]
 
 
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400, "-" + "9" * 330])
 def test_numbers_beyond_double_range_are_invalid(number: str) -> None:
     frame = PARAMETER_FRAME.replace("VALUE", number)
-    assert "out of range" in invalid(frame).details["reason"]
+    assert "out of range" in expect_invalid(frame).details["reason"]
 
 
 def test_large_but_finite_numbers_parse() -> None:
@@ -179,13 +179,13 @@ def test_large_but_finite_numbers_parse() -> None:
 
 @pytest.mark.parametrize("body", ["[]", "1", '"PING"', "null", "true", "[{\"type\": \"PING\"}]"])
 def test_a_message_must_be_an_object(body: str) -> None:
-    assert invalid(body).details == {"reason": "a message must be a JSON object"}
+    assert expect_invalid(body).details == {"reason": "a message must be a JSON object"}
 
 
 @pytest.mark.parametrize("type_value", [None, "", 1, True, [], {}, ["PING"]])
 def test_type_must_be_a_non_empty_string(type_value: Any) -> None:
-    assert invalid(msg(type_value)).details["field"] == "type"
-    assert invalid('{"data": {}}').details["field"] == "type"
+    assert expect_invalid(msg(type_value)).details["field"] == "type"
+    assert expect_invalid('{"data": {}}').details["field"] == "type"
 
 
 @pytest.mark.parametrize("type_value", ["FOO", "ping", "plugin.unknown", "PLUGIN_ADDED",
@@ -236,15 +236,15 @@ def test_unknown_types(type_value: str) -> None:
     ("ADD_PLUGIN", {"trackId": "t", "pluginName": "Reverb", "pluginId": 3}, "plugin_id"),
 ])
 def test_missing_and_ill_typed_fields(msg_type: str, data: dict[str, Any], field: str) -> None:
-    err = invalid(msg(msg_type, data))
+    err = expect_invalid(msg(msg_type, data))
     assert err.details["field"] == field
     assert isinstance(err.details["reason"], str) and err.details["reason"]
 
 
 def test_deep_nesting_is_invalid_not_a_crash() -> None:
     deep = '{"type": "PING", "data": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}"
-    invalid(deep)
-    invalid("[" * 200_000)
+    expect_invalid(deep)
+    expect_invalid("[" * 200_000)
 
 
 # -- envelopes -----------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def messages(draw: st.DrawFn) -> str:
     return json.dumps(body)
 
 
-def _parse_or_documented_error(frame: str | bytes) -> None:
+def check_parses_or_documented_error(frame: str | bytes) -> None:
     try:
         req = parse(frame)
     except (InvalidMessage, UnknownMessageType) as exc:
@@ -341,31 +341,31 @@ FUZZ = settings(max_examples=300, deadline=None, database=None,
 @FUZZ
 @given(messages())
 def test_fuzz_structured_messages(frame: str) -> None:
-    _parse_or_documented_error(frame)
+    check_parses_or_documented_error(frame)
 
 
 @FUZZ
 @given(json_values)
 def test_fuzz_any_json_value(value: Any) -> None:
-    _parse_or_documented_error(json.dumps(value))
+    check_parses_or_documented_error(json.dumps(value))
 
 
 @FUZZ
 @given(st.text(max_size=200))
 def test_fuzz_random_unicode_text(text: str) -> None:
-    _parse_or_documented_error(text)
+    check_parses_or_documented_error(text)
 
 
 @FUZZ
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes(data: bytes) -> None:
-    _parse_or_documented_error(data)
+    check_parses_or_documented_error(data)
 
 
 @FUZZ
 @given(st.integers(1, 50_000), st.sampled_from(["[", "{\"a\":", "[{\"b\":["]))
 def test_fuzz_deep_nesting(depth: int, opener: str) -> None:
-    _parse_or_documented_error('{"type":"PING","data":{"x":' + opener * depth + "}}")
+    check_parses_or_documented_error('{"type":"PING","data":{"x":' + opener * depth + "}}")
 
 
 @FUZZ
@@ -375,5 +375,5 @@ def test_fuzz_deep_nesting(depth: int, opener: str) -> None:
                         "1e-400", "123456789012345678901234567890", "\"\\ud800\"",
                         "\"\\u0000\"", "[[[[]]]]", "{}", "true", "null"]))
 def test_fuzz_raw_number_and_token_literals(msg_type: str, field: str, literal: str) -> None:
-    _parse_or_documented_error(
+    check_parses_or_documented_error(
         f'{{"type": {json.dumps(msg_type)}, "data": {{"{field}": {literal}}}}}')

@@ -7,9 +7,6 @@ raise ``auth_max_failures`` (or test the blocking itself on a server of their ow
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import time
 from contextlib import AsyncExitStack
@@ -20,24 +17,22 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from server_helpers import SECRET, clients, connect, error_of, run, serving, settle
+from server_helpers import (
+    SECRET,
+    clients,
+    connect,
+    error_of,
+    forge_hs256,
+    run,
+    serving,
+    settle,
+)
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pluginlab.client import Client, ClientError
 
 MANY = 1000  # auth_max_failures for servers where failing on purpose must not block
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(payload).encode())
-    sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(sig)}"
 
 
 def claims(user: str = "alice", **extra: Any) -> dict[str, Any]:
