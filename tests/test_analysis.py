@@ -328,3 +328,19 @@ def test_every_json_detail_survives_the_frame(store: ProvenanceStore) -> None:
     frame = events_frame(store)
     assert json.dumps(list(frame["details"]), sort_keys=True) == json.dumps(
         [e.details for e in store.events()], sort_keys=True)
+
+
+def test_events_frame_keeps_integers_beyond_64_bits(store: ProvenanceStore) -> None:
+    """The fast details parser refuses such integers; the frame falls back and keeps them."""
+    with sqlite3.connect(store.path) as conn:
+        conn.execute(
+            "INSERT INTO daid_events(id, seq, user_id, action, details, timestamp, session_id, "
+            "entity_type, entity_id, operation, parents, prev_hash, chain_hash) "
+            "VALUES ('big', 14, 'dave', 'custom_action', "
+            "'{\"n\": 123456789012345678901234567890}', "
+            "'2026-11-25 20:00:09', 's1', NULL, NULL, NULL, '[]', 'x', 'y')"
+        )
+    conn.close()
+    frame = events_frame(store)
+    assert frame["details"].iloc[-1] == {"n": 123456789012345678901234567890}
+    assert frame["details"].iloc[2] == store.events()[2].details
