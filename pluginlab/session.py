@@ -159,6 +159,7 @@ class Studio:
         self.sessions: dict[str, Session] = {}
         self.connections: dict[str, Connection] = {}
         self._session_lock = asyncio.Lock()
+        self._releasing: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, Handler] = {
             "AUTH": self._auth, "PING": self._ping,
             "PLUGIN_ADD": self._plugin_add, "ADD_PLUGIN": self._plugin_add,
@@ -243,6 +244,8 @@ class Studio:
 
     async def close(self) -> None:
         """Flush pending broadcasts and release every session's engine."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         for session in self.sessions.values():
             session.throttle.flush()
         for session in list(self.sessions.values()):
@@ -367,6 +370,21 @@ class Studio:
         session = self.sessions.get(conn.session_id or "")
         if session is not None and session.members.pop(conn.id, None) is not None:
             self._broadcast(session, conn, "PRESENCE", {"event": "left", "user_id": conn.user_id})
+            if not session.members and self._restorable():
+                self._release(session)
+
+    def _restorable(self) -> bool:
+        """Sessions can be dropped from memory when the database restores them on rejoin."""
+        return self.store is not None and self.config.enable_daid_tracking
+
+    def _release(self, session: Session) -> None:
+        """Forget an empty session and free its engine (in the background); the next AUTH
+        into it restores its plugins from the database."""
+        self.sessions.pop(session.id, None)
+        session.throttle.flush()
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(session.engine.close))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def _session_of(self, conn: Connection) -> Session:
         return self.sessions[conn.session_id or ""]

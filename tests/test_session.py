@@ -478,3 +478,42 @@ def test_errors_are_pluginlab_errors_for_python_callers(tmp_path: Path) -> None:
             assert info.value.code.value == "INVALID_MESSAGE"
 
     run(scenario())
+
+
+def test_an_empty_session_is_released_and_restored_on_rejoin(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            bob = await rig.peer("bob")
+            added = await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+            pid = added["plugin_id"]
+            await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": pid,
+                                                "parameter_id": "wet_dry",
+                                                "parameter_value": 0.8})
+            engine = rig.studio.sessions["jam"].engine
+            await rig.studio.disconnect(alice.conn)
+            assert "jam" in rig.studio.sessions  # bob is still there
+            await rig.studio.disconnect(bob.conn)
+            assert "jam" not in rig.studio.sessions  # nobody left: memory released
+            await asyncio.gather(*rig.studio._releasing)
+            assert engine.plugins == {}  # its DawDreamer processors are gone
+            carol = await rig.peer("carol")
+            tracks = carol.received("AUTH_SUCCESS")[0]["data"]["snapshot"]["tracks"]
+            assert [p["plugin_id"] for p in tracks["t"]] == [pid]
+            assert tracks["t"][0]["parameters"]["wet_dry"] == pytest.approx(0.8)
+
+    run(scenario())
+
+
+def test_without_a_store_an_empty_session_is_kept(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store=None) as rig:
+            alice = await rig.peer("alice")
+            await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Utility"})
+            await rig.studio.disconnect(alice.conn)
+            assert "jam" in rig.studio.sessions
+            bob = await rig.peer("bob")
+            tracks = bob.received("AUTH_SUCCESS")[0]["data"]["snapshot"]["tracks"]
+            assert [p["name"] for p in tracks["t"]] == ["Utility"]
+
+    run(scenario())
