@@ -6,7 +6,6 @@ import io
 import json
 import math
 import sqlite3
-import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,12 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
-
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import pluginlab  # noqa: F401
-except ImportError:  # a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
 
 from pluginlab.analysis import (
     CATEGORY_COLUMNS,

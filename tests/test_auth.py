@@ -13,7 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from server_helpers import forge_hs256
+from server_helpers import forge_hs256, rsa_key_pair
 
 from pluginlab.auth import AuthConfig, Authenticator, Identity, generate_secret
 from pluginlab.errors import AuthFailed, ErrorCode
@@ -47,12 +47,7 @@ def reason(auth: Authenticator, token: Any, claimed: Any = None) -> str:
 
 @pytest.fixture(scope="module")
 def rsa_keys() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return private, public
+    return rsa_key_pair()
 
 
 @pytest.fixture()

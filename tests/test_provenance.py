@@ -27,10 +27,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import pluginlab  # noqa: F401
-except ImportError:  # a checkout that is not pip-installed
-    sys.path.insert(0, str(ROOT))
 
 from pluginlab import provenance as prov
 from pluginlab.provenance import (

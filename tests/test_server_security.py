@@ -15,14 +15,13 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from server_helpers import (
     SECRET,
     clients,
     connect,
     error_of,
     forge_hs256,
+    rsa_key_pair,
     run,
     serving,
     settle,
@@ -50,12 +49,7 @@ async def auth_error(client: Client, token: Any, **data: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def rsa_pem() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    return private, public
+    return rsa_key_pair()
 
 
 # -- authentication ------------------------------------------------------------------------
