@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import hashlib
 import itertools
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 
 from pluginlab import provenance as prov
+from pluginlab.journal import journal_path, read_records
 from pluginlab.provenance import (
     GENESIS_HASH,
     SCHEMA_VERSION,
@@ -324,7 +327,8 @@ def test_append_returns_durable_chained_event(store: ProvenanceStore, db: Path) 
     assert first.chain_hash == chain_hash(GENESIS_HASH, first)
     second = store.append(param("rev1", "wet_dry", 0.7, previous=0.3))
     assert second.seq == 2 and second.prev_hash == first.chain_hash
-    with sqlite3.connect(db) as conn:  # visible to any other connection at once
+    store.flush()  # other connections see events once indexed (a few ms later; flush waits)
+    with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT seq, id, user_id, action FROM daid_events").fetchall()
     assert rows == [(1, first.daid, "alice", "plugin_add"),
                     (2, second.daid, "alice", "parameter_update")]
@@ -577,6 +581,85 @@ def test_sigkill_loses_no_acknowledged_event(db: Path) -> None:
         assert store.append(auth()).seq == len(stored) + 1  # and the log goes on
 
 
+JOURNAL_ONLY_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pluginlab import provenance
+    from pluginlab.provenance import EventDraft, ProvenanceStore
+
+    provenance.INDEX_LINGER = 3600.0  # the indexer waits: acknowledged events are only journaled
+    store = ProvenanceStore(sys.argv[1], max_batch=1_000_000)
+    for k in range(50):
+        event = store.append(EventDraft(
+            "alice", "s1", "parameter_update", "parameter", "rev.wet_dry", "update",
+            {"track_id": "t", "plugin_id": "rev", "parameter_id": "wet_dry", "value": k}))
+        sys.stdout.write(f"{event.seq} {event.daid}\\n")
+    sys.stdout.flush()
+    sys.stdin.read()  # killed here
+    """
+)
+
+
+def test_events_only_in_the_journal_are_stored_by_the_next_open(db: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", JOURNAL_ONLY_WRITER, str(db)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        acked = [process.stdout.readline().split() for _ in range(50)]
+        assert all(len(a) == 2 for a in acked), process.stderr.read() if process.stderr else ""
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    with sqlite3.connect(db) as conn:  # nothing indexed: the journal alone holds them
+        assert conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0] == 0
+    conn.close()
+    assert len(read_records(journal_path(str(db)))) == 50
+    with ProvenanceStore(db) as store:
+        stored = store.events()
+        assert [[str(e.seq), e.daid] for e in stored] == acked
+        assert [e.details["value"] for e in stored] == list(range(50))
+        assert store.verify().ok
+        assert read_records(journal_path(str(db))) == []
+        assert store.append(auth()).seq == 51
+
+
+def test_a_torn_last_record_was_never_acknowledged_and_is_dropped(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ProvenanceStore(db) as store:
+        first = store.append(add("rev1"))
+    path = journal_path(str(db))
+    monkeypatch.setattr(prov, "INDEX_LINGER", 3600.0)  # the indexer waits for close()
+    with ProvenanceStore(db) as store:  # write a second one, then tear its journal line
+        second = store.append(param("rev1", "wet_dry", 0.3))
+        data = Path(path).read_bytes()
+        assert data.endswith(b"\n") and f'[{second.seq},"{second.daid}"'.encode() in data
+    monkeypatch.undo()
+    # as if the process died in the middle of writing the line
+    Path(path).write_bytes(data[: len(data) // 2])
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM daid_events WHERE seq = 2")
+        conn.execute("UPDATE chain_head SET seq = 1, chain_hash = ?", (first.chain_hash,))
+    conn.close()
+    with ProvenanceStore(db) as store:
+        assert [e.seq for e in store.events()] == [1]
+        assert store.verify().ok
+        assert store.append(auth()).seq == 2
+
+
+def test_one_writer_per_database(db: Path) -> None:
+    with ProvenanceStore(db) as store:
+        with pytest.raises(prov.JournalBusy, match="open for writing by another"):
+            ProvenanceStore(db)
+        assert store.append(auth()).seq == 1  # the first one is unaffected
+    with ProvenanceStore(db) as again:  # released on close
+        assert again.count() == 1
+
+
 def test_append_many_is_all_or_nothing(store: ProvenanceStore, db: Path) -> None:
     store.append(add("rev1"))
     good = [param("rev1", "wet_dry", 0.1 * k, batch_id="b1") for k in range(5)]
@@ -584,63 +667,101 @@ def test_append_many_is_all_or_nothing(store: ProvenanceStore, db: Path) -> None
         store.append_many([*good[:2], EventDraft("u", "s1", "nope", "plugin", "x", "update", {}),
                            *good[2:]])
     assert store.count() == 1
-    with sqlite3.connect(db) as conn:  # make the database itself refuse one row mid-batch
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON daid_events "
-                     "WHEN NEW.user_id = 'mallory' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-    before = store.session_state("s1")
-    with pytest.raises(sqlite3.IntegrityError, match="refused"):
-        store.append_many([*good[:3], param("rev1", "wet_dry", 0.99, user="mallory"), *good[3:]])
-    assert store.count() == 1
-    assert store.session_state("s1") == before
-    with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER refuse")
-    events = store.append_many(good)  # the writer recovered: seq and chain go on cleanly
+    events = store.append_many(good)
     assert [e.seq for e in events] == [2, 3, 4, 5, 6]
     assert store.session_state("s1")["t1"][0]["parameters"]["wet_dry"] == pytest.approx(0.4)
     assert store.verify().ok
     assert store.append_many([]) == []
 
 
-def test_a_failing_request_does_not_fail_the_others_in_its_group(db: Path) -> None:
+def test_a_database_that_refuses_rows_loses_no_acknowledged_event(db: Path) -> None:
+    """Acknowledged = journaled: if SQLite refuses to index them, reads say so (no stale
+    answer), the events wait in the journal, and they are stored once it accepts them again."""
     with ProvenanceStore(db) as store:
         store.append(add("rev1"))
+        store.flush()
         with sqlite3.connect(db) as conn:
             conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON daid_events "
                          "WHEN NEW.user_id = 'mallory' BEGIN SELECT RAISE(ABORT, 'no'); END")
         conn.close()
-        outcomes: dict[str, Any] = {}
-
-        def attempt(user: str) -> None:
+        acked = [store.append(param("rev1", "wet_dry", k / 10, user=user))
+                 for k, user in enumerate(["amy", "mallory", "bob"])]
+        assert [e.seq for e in acked] == [2, 3, 4]
+        with pytest.raises(sqlite3.IntegrityError, match="no"):
+            store.count()
+        with pytest.raises(sqlite3.IntegrityError):
+            prov.verify_database(db)  # any in-process read through the module waits too
+        assert [r[0] for r in read_records(journal_path(str(db)))] == [2, 3, 4]
+        with sqlite3.connect(db) as conn:
+            conn.execute("DROP TRIGGER refuse")
+        conn.close()
+        deadline = time.monotonic() + 10
+        while True:  # the indexer retries on its own
             try:
-                outcomes[user] = store.append_many(
-                    [param("rev1", "wet_dry", 0.5, user=user) for _ in range(3)])
-            except sqlite3.IntegrityError as exc:
-                outcomes[user] = exc
-
-        threads = [threading.Thread(target=attempt, args=(u,))
-                   for u in ("amy", "mallory", "bob", "cat", "dan", "eve")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert isinstance(outcomes.pop("mallory"), sqlite3.IntegrityError)
-        assert all(len(events) == 3 for events in outcomes.values())
-        assert store.count() == 1 + 3 * 5
-        assert sorted(e.seq for e in store.events()) == list(range(1, 17))
+                store.flush()
+                break
+            except sqlite3.IntegrityError:
+                assert time.monotonic() < deadline, "the indexer never retried"
+                time.sleep(0.02)
+        assert [(e.seq, e.daid) for e in store.events()][1:] == [(e.seq, e.daid) for e in acked]
+        assert store.session_state("s1")["t1"][0]["parameters"]["wet_dry"] == pytest.approx(0.2)
         assert store.verify().ok
+        assert read_records(journal_path(str(db))) == []  # indexed, so the journal is emptied
 
 
-def test_an_unexpected_writer_error_reaches_the_caller_and_the_writer_survives(
-    store: ProvenanceStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken(batch: Any) -> None:
-        raise RuntimeError("bug in the writer")
+def test_refused_while_closing_means_stored_on_the_next_open(db: Path) -> None:
+    store = ProvenanceStore(db)
+    store.append(add("rev1"))
+    store.flush()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON daid_events "
+                     "BEGIN SELECT RAISE(ABORT, 'no'); END")
+    conn.close()
+    acked = store.append(param("rev1", "wet_dry", 0.7))
+    store.close()  # cannot index it: it stays journaled
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER refuse")
+        assert conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0] == 1
+    conn.close()
+    with ProvenanceStore(db) as again:
+        assert again.event(acked.daid) == acked
+        assert again.session_state("s1")["t1"][0]["parameters"]["wet_dry"] == 0.7
+        assert again.verify().ok
 
-    monkeypatch.setattr(store, "_commit", broken)
-    with pytest.raises(RuntimeError, match="bug in the writer"):  # not a hang
-        store.append(auth())
-    monkeypatch.undo()
-    assert store.append(auth()).seq == 1
+
+FULL_DISK_WRITER = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pluginlab.provenance import EventDraft, ProvenanceStore
+
+    def draft(text):
+        return EventDraft("alice", "s1", "preset_save", "preset", "p", "preset_save",
+                          {"note": text})
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: EFBIG instead of a kill
+    store = ProvenanceStore(sys.argv[1])
+    print(store.append(draft("small")).seq, flush=True)
+    store.flush()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
+    try:
+        store.append_many([draft("x" * 700_000) for _ in range(4)])  # 2.8 MB: cannot fit
+    except OSError as exc:
+        print("refused", exc.errno, flush=True)
+    print(store.append(draft("after")).seq, flush=True)
+    store.close()
+    """
+)
+
+
+def test_a_full_disk_refuses_the_whole_group_and_the_log_goes_on(db: Path) -> None:
+    """A real write failure (file size limit: EFBIG, as on a full disk)."""
+    result = run_process([sys.executable, "-c", FULL_DISK_WRITER, str(db)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:3] == ["1", f"refused {errno.EFBIG}", "2"]
+    with ProvenanceStore(db) as store:
+        notes = [e.details["note"] for e in store.events()]
+        assert notes == ["small", "after"]  # no part of the refused group, no gap in seq
+        assert store.verify().ok
 
 
 def test_append_async_keeps_the_event_loop_running(store: ProvenanceStore) -> None:
