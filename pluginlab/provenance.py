@@ -547,14 +547,17 @@ def apply_event(state: State, event: Event) -> None:
 
 
 def _find(state: State, plugin_id: Any, track_hint: Any = None) -> tuple[list[dict], int] | None:
-    tracks: Iterable[list[dict[str, Any]]] = state.values()
+    """(the track's plugin list, index) of ``plugin_id``; the hinted track is searched first."""
     hinted = state.get(track_hint) if isinstance(track_hint, str) else None
     if hinted is not None:
-        tracks = [hinted, *[t for t in state.values() if t is not hinted]]
-    for plugins in tracks:
-        for index, plugin in enumerate(plugins):
+        for index, plugin in enumerate(hinted):
             if plugin["plugin_id"] == plugin_id:
-                return plugins, index
+                return hinted, index
+    for plugins in state.values():
+        if plugins is not hinted:
+            for index, plugin in enumerate(plugins):
+                if plugin["plugin_id"] == plugin_id:
+                    return plugins, index
     return None
 
 
@@ -1200,14 +1203,7 @@ def _finish(batch: Sequence[_Request]) -> None:
             request.lock.release()
         else:
             by_loop.setdefault(request.loop, []).append(request)
-    try:
-        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        here = None
     for loop, requests in by_loop.items():
-        if loop is here:  # committed inline on the callers' own loop: no wake-up needed
-            _settle(requests)
-            continue
         try:
             loop.call_soon_threadsafe(_settle, requests)
         except RuntimeError:  # that event loop is closed: nobody is waiting any more
@@ -1387,7 +1383,6 @@ class ProvenanceStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # fsync mode: grouped appends
-        self._loop_batches: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
         # sequencer state (under _seq_lock), (re)loaded from the tables by _load_state
         self._seq_lock = threading.Lock()
         self._seq: int = 0
@@ -1458,13 +1453,9 @@ class ProvenanceStore:
             if self._closed:
                 return
             self._closed = True
-            loop_batches = list(self._loop_batches.values())
-            self._loop_batches.clear()
         if self._writer is not None:
             self._queue.put(_STOP)
             self._writer.join()
-        for batch in loop_batches:  # handed over on a loop that did not get to write them
-            self._write_batch(batch)
         with self._index_cond:
             self._index_cond.notify_all()
         self._indexer.join()
@@ -1502,12 +1493,12 @@ class ProvenanceStore:
         """Record several events as one group: all are stored, or none (and it raises)."""
         if not drafts:
             return []
-        request = _Request([_prepare(d) for d in drafts])
-        if self._writer is None:  # no fsync: writing the journal costs microseconds
+        items = [_prepare(d) for d in drafts]
+        if self._writer is None:  # no fsync: writing the journal costs about a microsecond
             self._check_open()
-            self._write_batch([request])
-        else:
-            self._enqueue(request)
+            return self._journal_groups([items])[0]
+        request = _Request(items)
+        self._enqueue(request)
         return request.wait()
 
     async def append_async(self, draft: EventDraft) -> Event:
@@ -1518,21 +1509,21 @@ class ProvenanceStore:
         """:meth:`append_many` for asyncio.
 
         The drafts are handed over synchronously, when the coroutine starts (so calls made in
-        order are stored in that order). Without ``fsync`` the group is journaled on the
-        caller's own loop, once per loop iteration for every append handed over in that
-        iteration (no thread hand-off; one write of microseconds). With ``fsync`` the writer
-        thread groups and syncs, and the loop keeps running meanwhile. Cancelling the awaiting
-        task does not withdraw the events once they were handed over.
+        order are stored in that order). Without ``fsync`` they are journaled right there, on
+        the loop, without suspending (one ``write`` of about a microsecond: cheaper than any
+        hand-off). With ``fsync`` the writer thread groups concurrent appends under one
+        ``fdatasync`` and the loop keeps running meanwhile; cancelling the awaiting task then
+        does not withdraw the events once they were handed over.
         """
         if not drafts:
             return []
+        items = [_prepare(d) for d in drafts]
+        if self._writer is None:
+            self._check_open()
+            return self._journal_groups([items])[0]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Event]] = loop.create_future()
-        request = _Request([_prepare(d) for d in drafts], loop, future)
-        if self._writer is None:
-            self._hand_to_loop(loop, request)
-        else:
-            self._enqueue(request)
+        self._enqueue(_Request(items, loop, future))
         return await future
 
     def flush(self, timeout: float | None = 30.0) -> None:
@@ -1567,22 +1558,6 @@ class ProvenanceStore:
             self._check_open()
             self._queue.put(request)
 
-    def _hand_to_loop(self, loop: asyncio.AbstractEventLoop, request: _Request) -> None:
-        with self._close_lock:
-            self._check_open()
-            batch = self._loop_batches.get(loop)
-            if batch is None:
-                batch = self._loop_batches[loop] = []
-                loop.call_soon(self._write_loop_batch, loop)
-            batch.append(request)
-
-    def _write_loop_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Journal what this loop handed over during its last iteration (runs on the loop)."""
-        with self._close_lock:
-            batch = self._loop_batches.pop(loop, None)
-        if batch:  # else close() took it
-            self._write_batch(batch)
-
     def _run_writer(self) -> None:
         """fsync mode: take everything queued, journal it with one fdatasync, repeat."""
         stop = False
@@ -1604,33 +1579,40 @@ class ProvenanceStore:
                 count += len(item.items)
             self._write_batch(batch)
 
-    def _write_batch(self, batch: list[_Request]) -> None:
-        """Sequence, chain and journal a group of requests, then wake their callers.
+    def _journal_groups(self, groups: list[list[_Prepared]]) -> list[list[Event]]:
+        """Sequence, chain and journal groups of prepared drafts with one write; their events.
 
         All-or-nothing: if the journal write fails, the sequencer state is rolled back and
-        every request of the group gets the error. Never raises (errors go to the callers).
+        the error raised; nothing of any group is stored.
         """
         self._wait_for_backlog()
+        with self._seq_lock:
+            undo = _Undo(self)
+            try:
+                lines: list[str] = []
+                indexed: list[tuple[tuple[Any, ...], Event]] = []
+                results = [
+                    [self._next_event(p, lines, indexed, undo) for p in items] for items in groups
+                ]
+                self._journal.append("".join(lines).encode("utf-8"))
+            except BaseException:
+                undo.rollback()
+                raise
+            with self._index_cond:
+                idle = not self._backlog  # else the indexer is already lingering on it
+                self._backlog.extend(indexed)
+                if idle or len(self._backlog) >= self._max_batch:
+                    self._index_cond.notify()
+        return results
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        """fsync mode: journal queued requests as one group, then wake their callers.
+
+        Never raises: every request of a failed group gets the error.
+        """
         try:
-            with self._seq_lock:
-                undo = _Undo(self)
-                try:
-                    lines: list[str] = []
-                    indexed: list[tuple[tuple[Any, ...], Event]] = []
-                    results = [
-                        [self._next_event(p, lines, indexed, undo) for p in request.items]
-                        for request in batch
-                    ]
-                    self._journal.append("".join(lines).encode("utf-8"))
-                except BaseException:
-                    undo.rollback()
-                    raise
-                with self._index_cond:
-                    idle = not self._backlog  # else the indexer is already lingering on it
-                    self._backlog.extend(indexed)
-                    if idle or len(self._backlog) >= self._max_batch:
-                        self._index_cond.notify()
-        except BaseException as exc:  # the callers get it, not the loop/thread
+            results = self._journal_groups([request.items for request in batch])
+        except BaseException as exc:  # the callers get it, not the writer thread
             _log.exception("provenance store: could not journal %d request(s)", len(batch))
             for request in batch:
                 request.error = exc
