@@ -5,17 +5,22 @@ acknowledges them, and copies them into its SQLite tables in the background. A r
 line of JSON (a list) ending in ``\\n``; the file lives next to the database
 (``<db>-daidlog``).
 
+The file is memory-mapped (``MAP_SHARED``) over space reserved with ``posix_fallocate``:
+an append is a copy into the kernel's page cache, with no system call and without releasing
+Python's GIL (a ``write`` releases it, and a busy background thread then delays the caller:
+measured ~16 us per append in the server against ~1 us for the copy). Unused space is zeros.
+
 Durability is the same as SQLite's WAL with ``synchronous=NORMAL``: once :meth:`Journal.append`
-returns, the bytes are in the kernel's page cache and survive a crash or SIGKILL of the
-process; with ``fsync=True`` each append is also ``fdatasync``-ed, so it survives power loss.
+returns, the bytes are in the page cache and survive a crash or SIGKILL of the process; with
+``fsync=True`` each append is also ``msync``-ed, so it survives power loss.
 
 Contracts:
 
 * One writer per file: opening takes an exclusive ``flock``; a second :class:`Journal` on the
   same file (from any process) raises :class:`JournalBusy` instead of interleaving.
-* An append is all-or-nothing for its readers: if the write fails (disk full, I/O error) the
-  file is cut back to its previous length before the error is raised, and a record cut short
-  by a crash (no trailing newline, or not a JSON list) is ignored by :func:`read_records`.
+* An append is all-or-nothing: space is reserved before the copy (a full disk raises
+  ``OSError`` with nothing written, never ``SIGBUS``), and a record cut short by a crash (no
+  trailing newline, zeros, or not a JSON list) ends what :func:`read_records` returns.
 * Not thread-safe by itself: the store serialises calls.
 """
 
@@ -24,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import mmap
 import os
 from typing import Any
 
 __all__ = ["Journal", "JournalBusy", "journal_path", "read_records"]
 
 SUFFIX = "-daidlog"
+INITIAL_CAPACITY = 4 << 20  # bytes; doubled when full, back to this when emptied
 
 
 class JournalBusy(RuntimeError):
@@ -42,12 +49,15 @@ def journal_path(db_path: str) -> str:
 
 
 class Journal:
-    """The open journal of one database (see the module docs)."""
+    """The open journal of one database (see the module docs).
+
+    ``size`` is the number of bytes of records in it (the file itself is larger: zeros).
+    """
 
     def __init__(self, path: str, *, fsync: bool = False) -> None:
         self.path = path
         self.fsync = fsync
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -56,43 +66,59 @@ class Journal:
                 f"{path}: the database is open for writing by another pluginlab store "
                 "(in this or another process); close that one first"
             ) from None
-        self.size = os.fstat(self._fd).st_size
+        try:
+            capacity = max(os.fstat(self._fd).st_size, INITIAL_CAPACITY)
+            os.posix_fallocate(self._fd, 0, capacity)
+            self._map = mmap.mmap(self._fd, capacity)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.size = _records_end(self._map)
 
     def append(self, data: bytes) -> None:
-        """Write ``data`` (whole lines) durably, or raise with the file unchanged."""
-        before = self.size
-        try:
-            written = os.write(self._fd, data)
-            while written < len(data):  # a short write: disk nearly full, or a signal
-                more = os.write(self._fd, data[written:])
-                if more <= 0:
-                    raise OSError("journal write made no progress")
-                written += more
-            if self.fsync:
-                os.fdatasync(self._fd)
-        except BaseException:
-            self._cut(before)
-            raise
-        self.size = before + len(data)
+        """Store ``data`` (whole lines) durably, or raise with the journal unchanged."""
+        end = self.size + len(data)
+        if end > len(self._map):
+            self._grow(end)
+        self._map[self.size:end] = data
+        if self.fsync:
+            self._sync(self.size, end)
+        self.size = end
 
     def truncate(self) -> None:
-        """Empty the file (every record in it has been stored elsewhere)."""
-        self._cut(0)
-
-    def _cut(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
+        """Empty the journal (every record in it has been stored elsewhere)."""
+        self._map[: self.size] = bytes(self.size)
         if self.fsync:
-            os.fdatasync(self._fd)
-        self.size = size
+            self._sync(0, self.size)
+        self.size = 0
+        if len(self._map) > INITIAL_CAPACITY:  # give back what a burst made it grow to
+            self._map.resize(INITIAL_CAPACITY)
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(2 * len(self._map), needed)
+        os.posix_fallocate(self._fd, 0, capacity)  # OSError (full disk) before any change
+        self._map.resize(capacity)
+
+    def _sync(self, start: int, end: int) -> None:
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        self._map.flush(aligned, end - aligned)
 
     def close(self) -> None:
         """Release the lock and the file (idempotent); an empty journal file is removed."""
-        if self._fd >= 0:
-            if self.size == 0:  # still under our lock: nobody else can be using it
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-            os.close(self._fd)
-            self._fd = -1
+        if self._fd < 0:
+            return
+        self._map.close()
+        if self.size == 0:  # still under our lock: nobody else can be using it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _records_end(data: bytes | mmap.mmap) -> int:
+    """Length of the data before the zeros that fill the rest of the file."""
+    end = data.find(b"\0")
+    return len(data) if end < 0 else end
 
 
 def read_records(path: str) -> list[list[Any]]:
@@ -107,7 +133,7 @@ def read_records(path: str) -> list[list[Any]]:
     except FileNotFoundError:
         return []
     records: list[list[Any]] = []
-    for line in data.split(b"\n")[:-1]:  # the last piece has no newline: torn or empty
+    for line in data[: _records_end(data)].split(b"\n")[:-1]:  # the last piece has no newline
         try:
             record = json.loads(line)
         except ValueError:

@@ -19,7 +19,7 @@ def test_appended_lines_are_read_back_in_order(tmp_path: Path) -> None:
     journal.append(b'[1,"a"]\n[2,"b"]\n')
     journal.append(b'[3,{"x":1}]\n')
     assert read_records(path) == [[1, "a"], [2, "b"], [3, {"x": 1}]]
-    assert journal.size == Path(path).stat().st_size
+    assert journal.size == len(b'[1,"a"]\n[2,"b"]\n[3,{"x":1}]\n')
     journal.truncate()
     assert read_records(path) == [] and journal.size == 0
     journal.append(b"[4]\n")  # appends continue after a truncation
@@ -76,9 +76,12 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         journal = Journal({path!r})
         journal.append(b"[1]\\n")
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+        journal.append(b"[" + b"2," * 1_000_000 + b"2]\\n")  # it grows past 4 MB when needed
+        journal.truncate()
+        journal.append(b"[1]\\n")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5_000_000, resource.RLIM_INFINITY))
         try:
-            journal.append(b"[" + b"2," * 100_000 + b"2]\\n")
+            journal.append(b"[" + b"2," * 3_000_000 + b"2]\\n")  # 6 MB: more than the file may
         except OSError as exc:
             print(exc.errno == errno.EFBIG, journal.size)
         journal.append(b"[3]\\n")
@@ -87,3 +90,18 @@ def test_a_failed_write_leaves_the_file_as_it_was(tmp_path: Path) -> None:
                             check=False)
     assert result.stdout.split() == ["True", "4"], result.stderr
     assert read_records(path) == [[1], [3]]
+
+
+def test_records_after_a_truncation_do_not_resurrect_older_ones(tmp_path: Path) -> None:
+    path = str(tmp_path / "j")
+    journal = Journal(path)
+    journal.append(b'[1,"a long first record"]\n[2,"another one"]\n')
+    journal.truncate()
+    journal.append(b"[3]\n")
+    journal.close()
+    assert read_records(path) == [[3]]
+    reopened = Journal(path)  # appends continue after what is there
+    assert reopened.size == 4
+    reopened.append(b"[4]\n")
+    reopened.close()
+    assert read_records(path) == [[3], [4]]

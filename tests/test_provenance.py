@@ -636,11 +636,11 @@ def test_a_torn_last_record_was_never_acknowledged_and_is_dropped(
     monkeypatch.setattr(prov, "INDEX_LINGER", 3600.0)  # the indexer waits for close()
     with ProvenanceStore(db) as store:  # write a second one, then tear its journal line
         second = store.append(param("rev1", "wet_dry", 0.3))
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes().rstrip(b"\0")  # the rest of the file is zeros
         assert data.endswith(b"\n") and f'[{second.seq},"{second.daid}"'.encode() in data
     monkeypatch.undo()
     # as if the process died in the middle of writing the line
-    Path(path).write_bytes(data[: len(data) // 2])
+    Path(path).write_bytes(data[: len(data) // 2] + bytes(1000))
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM daid_events WHERE seq = 2")
         conn.execute("UPDATE chain_head SET seq = 1, chain_hash = ?", (first.chain_hash,))
@@ -742,9 +742,9 @@ FULL_DISK_WRITER = textwrap.dedent(
     store = ProvenanceStore(sys.argv[1])
     print(store.append(draft("small")).seq, flush=True)
     store.flush()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6_000_000, resource.RLIM_INFINITY))
     try:
-        store.append_many([draft("x" * 700_000) for _ in range(4)])  # 2.8 MB: cannot fit
+        store.append_many([draft("x" * 1_000_000) for _ in range(7)])  # 7 MB: cannot fit
     except OSError as exc:
         print("refused", exc.errno, flush=True)
     print(store.append(draft("after")).seq, flush=True)
