@@ -107,9 +107,19 @@ class Request:
     legacy: bool = False
 
 
+_this_second: tuple[int, str] = (-1, "")  # (unix second, its "YYYY-MM-DDTHH:MM:SS")
+
+
 def now_iso() -> str:
-    """UTC ISO-8601 with milliseconds and ``Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC ISO-8601 with milliseconds and ``Z``, as ``datetime.now(timezone.utc)`` gives it;
+    the date-and-seconds part is formatted once per second (every message has a timestamp)."""
+    global _this_second
+    second, millis = divmod(time.time_ns() // 1_000_000, 1000)
+    cached = _this_second
+    if cached[0] != second:
+        text = datetime.fromtimestamp(second, timezone.utc).isoformat(timespec="seconds")
+        cached = _this_second = (second, text.removesuffix("+00:00"))
+    return f"{cached[1]}.{millis:03d}Z"
 
 
 def _legacy_id() -> str:
@@ -137,12 +147,24 @@ def _bounded_int(token: str) -> int:
     return value
 
 
+class _StrictDecoder(json.JSONDecoder):
+    """``json.JSONDecoder`` with the strict constant and number hooks above."""
+
+    def __init__(self) -> None:
+        super().__init__(parse_constant=_reject_constant, parse_float=_finite_float,
+                         parse_int=_bounded_int)
+
+
+_DECODER = _StrictDecoder()  # json.loads with hooks would build a decoder for every frame
+
+
 def loads_strict(text: str | bytes) -> Any:
     """json.loads that refuses NaN/Infinity tokens and numbers beyond the range of a double
     (they would become infinite), and reports depth overflow as ValueError."""
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                          parse_int=_bounded_int)
+        if isinstance(text, str) and not text.startswith("\ufeff"):
+            return _DECODER.decode(text)
+        return json.loads(text, cls=_StrictDecoder)  # bytes (encoding detection), BOM error
     except RecursionError:
         raise ValueError("nesting too deep") from None
 
@@ -182,11 +204,16 @@ def parse(frame: str | bytes) -> Request:
 
 
 def _normalize(msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
-    """camelCase -> snake_case (legacy field map) and the legacy ``value`` field."""
-    out = {LEGACY_FIELDS.get(k, k): v for k, v in data.items() if k not in LEGACY_FIELDS}
-    for old, new in LEGACY_FIELDS.items():
-        if old in data and new not in out:
-            out[new] = data[old]
+    """camelCase -> snake_case (legacy field map) and the legacy ``value`` field. ``data`` is
+    the frame's own freshly parsed dict, so it is returned as it is when nothing needs renaming.
+    """
+    if data.keys().isdisjoint(LEGACY_FIELDS):
+        out = data
+    else:
+        out = {k: v for k, v in data.items() if k not in LEGACY_FIELDS}
+        for old, new in LEGACY_FIELDS.items():
+            if old in data and new not in out:
+                out[new] = data[old]
     if msg_type == "UPDATE_PARAMETER" and "parameter_value" not in out and "value" in out:
         out["parameter_value"] = out["value"]
     if msg_type == "PLUGIN_BYPASS" and "bypassed" in data and "bypass" not in data:
@@ -234,6 +261,9 @@ def envelope(
     return message
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str)
+
+
 def dumps(message: dict[str, Any]) -> str:
     """Compact strict JSON (never emits NaN/Infinity)."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False, default=str)
+    return _ENCODER.encode(message)

@@ -1526,6 +1526,13 @@ class ProvenanceStore:
         self._enqueue(_Request(items, loop, future))
         return await future
 
+    @property
+    def appends_suspend(self) -> bool:
+        """True when :meth:`append_many_async` suspends its caller until the write is done
+        (``fsync``: a thread syncs). Otherwise it returns without suspending, so a transport
+        gains nothing by pipelining requests around it."""
+        return self._writer is not None
+
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until every event appended so far is in the SQLite tables.
 

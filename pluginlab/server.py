@@ -14,7 +14,8 @@ Transport decisions: text frames of strict JSON; path ``config.path`` only (othe
 handshake (``?token=`` or ``Authorization: Bearer``) is verified there (HTTP 401 when bad) and
 the connection starts authenticated. permessage-deflate is off: for small JSON frames it costs
 more than it saves (measured in DESIGN.md). Outgoing messages are written without awaiting
-(``websockets`` ``broadcast``), so one slow client never stalls the others.
+(like ``websockets`` ``broadcast``), so one slow client never stalls the others; consecutive
+messages to one connection share a write (see :class:`_Outbox`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .auth import AuthConfig, Authenticator, generate_secret
 from .config import ServerConfig
@@ -40,6 +42,7 @@ __all__ = ["PluginServer"]
 log = logging.getLogger("pluginlab.server")
 
 PIPELINE_DEPTH = 64  # requests of one connection in flight at once
+BURST = 32  # frames of one connection handled in a row before the others get a turn
 
 
 def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
@@ -84,6 +87,7 @@ class PluginServer:
         self._server: Server | None = None
         self.port: int | None = None
         self._serialize = _Serializer()
+        self._outbox = _Outbox()
 
     @property
     def url(self) -> str:
@@ -109,6 +113,7 @@ class PluginServer:
 
     async def stop(self) -> None:
         """Close every connection, flush broadcasts, release engines and the store."""
+        self._outbox.end_run()  # messages already sent go out before the close frames
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -154,22 +159,55 @@ class PluginServer:
 
     # -- one connection ---------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
-        """Serve one connection with pipelining: frame N+1 starts once frame N has been applied
-        and handed to the store; replies wait for durability and keep request order. At most
-        ``PIPELINE_DEPTH`` requests of a connection are in flight."""
-        serialize = self._serialize
+        """Serve one connection: its frames are applied in order and replied to in order, each
+        reply before the broadcasts its request causes.
+
+        Requests are pipelined only when replies wait for the store after being applied
+        (``fsync``); otherwise a request waits for nothing once it has been applied (the
+        store's journal write does not suspend), so the frames are simply handled one after
+        another on this task."""
+        serialize, outbox = self._serialize, self._outbox
 
         def send(message: dict[str, Any]) -> None:
-            broadcast([ws], serialize(message))
+            outbox.send(ws, serialize(message))
 
         conn = self.studio.connect(send, _address(ws))
+        try:
+            await self._handshake_join(ws, conn)
+            if self.studio.replies_wait:
+                await self._serve_pipelined(ws, conn)
+            else:
+                await self._serve_in_turn(ws, conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.studio.disconnect(conn)
+
+    async def _serve_in_turn(self, ws: ServerConnection, conn: Connection) -> None:
+        """One request at a time, on this task: no task or futures per frame. Every ``BURST``
+        frames the other connections get a turn, so a client whose frames are already buffered
+        never stalls them."""
+        receive = self.studio.receive
+        handled = 0
+        async for frame in ws:
+            try:
+                await receive(conn, frame)
+            except Exception:  # a reply that could not be sent; the connection goes on
+                log.exception("failed to answer a frame from %s", conn.id)
+            handled += 1
+            if handled % BURST == 0:
+                await asyncio.sleep(0)
+
+    async def _serve_pipelined(self, ws: ServerConnection, conn: Connection) -> None:
+        """Pipelining: frame N+1 starts once frame N has been applied and handed to the store;
+        replies wait for durability and keep request order. At most ``PIPELINE_DEPTH`` requests
+        of a connection are in flight."""
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(PIPELINE_DEPTH)
         tasks: set[asyncio.Task[None]] = set()
         gate: asyncio.Future[None] | None = None
         replied: asyncio.Future[None] | None = None
         try:
-            await self._handshake_join(ws, conn)
             async for frame in ws:
                 await slots.acquire()
                 applied: asyncio.Future[None] = loop.create_future()
@@ -179,12 +217,9 @@ class PluginServer:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 gate, replied = applied, done
-        except ConnectionClosed:
-            pass
         finally:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await self.studio.disconnect(conn)
 
     async def _one(
         self, conn: Connection, frame: str | bytes, gate: asyncio.Future[None] | None,
@@ -209,10 +244,69 @@ class PluginServer:
             data = await self.studio.authenticate_handshake(conn, token, session_id)
         except PluginlabError as exc:
             conn.send(envelope("ERROR", exc.to_payload(), msg_id=None))
+            self._outbox.end_run()  # the ERROR goes out before the close frame
             await ws.close(1008, exc.message[:120])
             return
         conn.send(envelope("AUTH_SUCCESS", data, msg_id=None, user_id=conn.user_id,
                            session_id=conn.session_id))
+
+
+class _Outbox:
+    """Writes messages to connections without awaiting, one write per run of messages.
+
+    A run is a sequence of consecutive messages to the same connection. Its first message is
+    written at once, so a lone reply never waits; the others are held and written together
+    (one syscall, one wake-up of the client) when the run ends: when a message for another
+    connection comes, or at the latest when the loop has run the callbacks that are ready now
+    (the end is queued with ``call_soon``, ahead of any I/O the loop handles next). So writes
+    happen exactly in the order of the messages, across connections too, and a client that
+    pipelines gets the replies to a burst of its frames in two writes instead of one each.
+    Call :meth:`end_run` before closing a connection from the server side.
+    """
+
+    def __init__(self) -> None:
+        self._ws: ServerConnection | None = None  # the connection of the current run
+        self._held: list[str] = []  # its messages after the first
+        self._end_scheduled = False
+
+    def send(self, ws: ServerConnection, text: str) -> None:
+        if ws is self._ws:
+            self._held.append(text)
+            return
+        self.end_run()
+        self._ws = ws
+        if not self._end_scheduled:
+            self._end_scheduled = True
+            asyncio.get_running_loop().call_soon(self._step_over)
+        broadcast([ws], text)
+
+    def end_run(self) -> None:
+        """Write the held messages of the current run now."""
+        ws, held = self._ws, self._held
+        self._ws = None
+        if held:
+            self._held = []
+            assert ws is not None
+            _write_text_frames(ws, held)
+
+    def _step_over(self) -> None:
+        self._end_scheduled = False
+        self.end_run()
+
+
+def _write_text_frames(ws: ServerConnection, texts: list[str]) -> None:
+    """``broadcast([ws], text)`` for each text, in a single transport write: the frames are
+    built by the connection's sans-I/O protocol, as ``broadcast`` does. Skipped unless the
+    connection is open (no fragmented sends to wait for: this server never fragments)."""
+    protocol = ws.protocol
+    if protocol.state is not State.OPEN:
+        return
+    try:
+        for text in texts:
+            protocol.send_text(text.encode())
+        ws.transport.writelines(protocol.data_to_send())
+    except Exception:  # like broadcast: a failing connection never breaks the sender
+        log.warning("skipped %d message(s) to a failing connection", len(texts), exc_info=True)
 
 
 class _Serializer:

@@ -53,27 +53,27 @@ Send = Callable[[dict[str, Any]], None]
 _conn_ids = itertools.count(1)
 
 
-class _Deferred:
-    """Broadcasts caused by the request being handled, held until its reply has been sent."""
+class _InFlight:
+    """The wire request being handled: the broadcasts it causes, held until its reply has been
+    sent (``open``), and the transport's ``applied`` future (pipelining), if any."""
 
-    def __init__(self) -> None:
+    __slots__ = ("applied", "held", "open")
+
+    def __init__(self, applied: asyncio.Future[None] | None) -> None:
         self.open = True
-        self.items: list[tuple[Connection, dict[str, Any]]] = []
+        self.held: list[tuple[Connection, dict[str, Any]]] = []
+        self.applied = applied
+
+    def signal_applied(self) -> None:
+        """The request's changes are applied and handed to the store: the next may start."""
+        if self.applied is not None and not self.applied.done():
+            self.applied.set_result(None)
 
 
-# Per-request (per task context). A throttle timer created during a request copies this
-# context; by the time it fires the holder is closed, so the trailing edge is sent at once.
-_deferred: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar(
-    "pluginlab_deferred_broadcasts", default=None)
-
-# The transport's "applied" future of the request being handled (pipelining), if any.
-_applied: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
-    "pluginlab_applied", default=None)
-
-
-def _signal_applied(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
+# Per request (per task context). A throttle timer created during a request copies this
+# context; by the time it fires the request is closed, so the trailing edge is sent at once.
+_in_flight: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar(
+    "pluginlab_in_flight", default=None)
 
 
 PERMISSION_OF = {
@@ -85,6 +85,8 @@ PERMISSION_OF = {
 }
 PRESET_PERMISSION = {"load": "plugin:write", "save": "plugin:write", "delete": "plugin:write",
                      "list": "plugin:read"}
+REPLY_TYPE = {"ADD_PLUGIN": "PLUGIN_ADDED", "UPDATE_PARAMETER": "PARAMETER_UPDATED",
+              "AUTH": "AUTH_SUCCESS", "PING": "PONG"}  # others reply with their own type
 
 
 class Connection:
@@ -170,6 +172,18 @@ class Studio:
             "SESSION_STATE_GET": self._state_get, "USER_CURSOR_UPDATE": self._cursor,
         }
 
+    @property
+    def tracking(self) -> bool:
+        """True when accepted changes are recorded (DAID tracking on, with a store)."""
+        return self.store is not None and self.config.enable_daid_tracking
+
+    @property
+    def replies_wait(self) -> bool:
+        """True when a reply waits for the store after its request was applied (recording
+        with a store whose appends suspend, e.g. ``fsync``): a transport then gains by
+        pipelining the next requests meanwhile."""
+        return self.tracking and bool(getattr(self.store, "appends_suspend", True))
+
     # == doors ==============================================================================
     def connect(self, send: Send, address: str = "local", *, limited: bool = True) -> Connection:
         """Register a new client; returns its connection. ``limited=False`` exempts a trusted
@@ -195,9 +209,8 @@ class Studio:
         (and the broadcasts it causes) waits for ``reply_after``, so replies keep request order.
         """
         request_id: str | None = None
-        deferred = _Deferred()
-        token = _deferred.set(deferred)
-        applied_token = _applied.set(applied)
+        current = _InFlight(applied)
+        token = _in_flight.set(current)
         outgoing: dict[str, Any] | None = None
         try:
             wait = conn.messages.take()
@@ -214,15 +227,14 @@ class Studio:
             log.exception("internal error handling a message from %s", conn.id)
             outgoing = self._error(conn, InternalError(), request_id)
         finally:
-            _applied.reset(applied_token)
-            _signal_applied(applied)
-            _deferred.reset(token)
+            _in_flight.reset(token)
+            current.signal_applied()
         if reply_after is not None:
             await reply_after
         if outgoing is not None:
             self._send(conn, outgoing)
-        deferred.open = False
-        for member, message in deferred.items:
+        current.open = False
+        for member, message in current.held:
             self._send(member, message)
 
     async def execute(self, conn: Connection, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -276,12 +288,9 @@ class Studio:
         data = await self._handlers[msg_type](conn, request)
         if data is None:
             return None
-        reply_type = {"ADD_PLUGIN": "PLUGIN_ADDED", "UPDATE_PARAMETER": "PARAMETER_UPDATED",
-                      "AUTH": "AUTH_SUCCESS"}.get(msg_type, msg_type)
+        reply_type = REPLY_TYPE.get(msg_type, msg_type)
         if request.raw_type == "heartbeat":
             reply_type = "heartbeat_response"
-        elif msg_type == "PING":
-            reply_type = "PONG"
         top = data if request.legacy else None
         return envelope(reply_type, data, msg_id=request.id, user_id=conn.user_id,
                         session_id=conn.session_id, top_level=top)
@@ -375,7 +384,7 @@ class Studio:
 
     def _restorable(self) -> bool:
         """Sessions can be dropped from memory when the database restores them on rejoin."""
-        return self.store is not None and self.config.enable_daid_tracking
+        return self.tracking
 
     def _release(self, session: Session) -> None:
         """Forget an empty session and free its engine (in the background); the next AUTH
@@ -451,11 +460,12 @@ class Studio:
         pid, value = d["parameter_id"], d["parameter_value"]
         previous = plugin.get(pid) if pid in plugin.parameters else None
         applied = plugin.set(pid, value)
-        daid = await self._record_or_undo(conn, plugin, {pid: previous}, [self._param_draft(
-            conn, plugin, pid, applied, previous, None)])
+        drafts = ([self._param_draft(conn, plugin, pid, applied, previous, None)]
+                  if self.tracking else [])  # events are built only to be recorded
+        daid = await self._record_or_undo(conn, plugin, {pid: previous}, drafts)
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameter_id": pid,
-                "parameter_value": applied, "text": plugin.text(pid) if plugin.kind == "builtin"
-                else None, "success": True, "daid": daid}
+                "parameter_value": applied, "text": plugin.spec(pid).format(applied)
+                if plugin.kind == "builtin" else None, "success": True, "daid": daid}
         self._relay(session, conn, plugin, (plugin.id, pid), {pid: applied}, daid, "PLUGIN_PARAMETER")
         if request.legacy:
             return {"success": True, "pluginId": plugin.id, "parameterId": pid, "value": applied,
@@ -471,7 +481,7 @@ class Studio:
         applied = plugin.update(values)
         batch_id = f"batch_{uuid.uuid4().hex[:12]}"
         drafts = [self._param_draft(conn, plugin, pid, v, previous.get(pid), batch_id)
-                  for pid, v in applied.items()]
+                  for pid, v in applied.items()] if self.tracking else []
         daid = await self._record_or_undo(conn, plugin, previous, drafts)
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameters": applied,
                 "success": True, "daid": daid, "batch_id": batch_id}
@@ -605,13 +615,15 @@ class Studio:
 
     async def _record(self, conn: Connection, drafts: list[Any]) -> str | None:
         """Append events durably; returns the last DAID (None when tracking is off)."""
-        if self.store is None or not self.config.enable_daid_tracking or not drafts:
+        if not self.tracking or not drafts:
             return None
         try:
             pending = self.store.append_many_async(drafts)
             # The store enqueues synchronously when the coroutine starts, before the loop can
             # run the next pipelined request, so signalling here keeps the log in order.
-            _signal_applied(_applied.get())
+            current = _in_flight.get()
+            if current is not None:
+                current.signal_applied()
             events = await pending
         except Exception as exc:  # the client's request was fine; our log refused it
             log.exception("provenance store refused %d event(s)", len(drafts))
@@ -643,15 +655,17 @@ class Studio:
         """Send to every member but ``sender`` (when session broadcasting is on)."""
         if not self.config.enable_session_broadcasting:
             return
+        others = [member for member in session.members.values() if member is not sender]
+        if not others:
+            return
         message = envelope(msg_type, data, user_id=user_id or sender.user_id,
                            session_id=session.id)
-        deferred = _deferred.get()
-        for member in list(session.members.values()):
-            if member is not sender:
-                if deferred is not None and deferred.open:
-                    deferred.items.append((member, message))  # after the sender's reply
-                else:
-                    self._send(member, message)
+        current = _in_flight.get()
+        if current is not None and current.open:
+            current.held.extend((member, message) for member in others)  # after the reply
+        else:
+            for member in others:
+                self._send(member, message)
 
     def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
                       daid: str | None, parameters: dict[str, float] | None) -> None:

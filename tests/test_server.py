@@ -21,6 +21,7 @@ from server_helpers import (
     clients,
     connect,
     error_of,
+    make_config,
     raw_exchange,
     run,
     serving,
@@ -867,6 +868,106 @@ def test_flood_from_one_client_does_not_starve_another(tmp_path: Path) -> None:
             assert got["parameters"]["wet_dry"] == 0.66  # the calm client's change applied
             await asyncio.sleep(1.1)  # the flooder's window has passed: it is served again
             assert (await a.ping())["type"] == "PONG"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(("tracking", "fsync"), [(True, False), (False, False), (True, True)],
+                         ids=["daid_on", "daid_off", "daid_fsync_pipelined"])
+def test_frames_sent_without_waiting_are_answered_in_request_order(
+        tmp_path: Path, tracking: bool, fsync: bool) -> None:
+    """Handled in turn (replies never wait for the store) or pipelined (fsync: they do), with
+    replies to a burst of frames sharing writes: one reply per frame, in request order, errors
+    and slow requests included; the changes are applied (and recorded) in request order."""
+    async def scenario() -> None:
+        async with serving(tmp_path, enable_daid_tracking=tracking, rate_limits=False,
+                           fsync=fsync) as server, \
+                clients(server, "sender", "other") as (a, b):
+            assert server.studio.replies_wait is fsync
+            pid = (await a.add_plugin("t", "Reverb"))["plugin_id"]
+            target = {"track_id": "t", "plugin_id": pid}
+            frames: list[str] = []
+            expected: list[tuple[str, str]] = []  # (id, reply type)
+            values: list[float] = []
+            reads: list[float] = []  # what each PLUGIN_PARAMETERS_GET must see
+            for i in range(240):
+                msg_id, kind = f"q{i}", i % 6
+                if kind in (0, 3):
+                    values.append(round(0.001 * i, 3))
+                    body = {"type": "PLUGIN_PARAMETER", "data": {
+                        **target, "parameter_id": "wet_dry", "parameter_value": values[-1]}}
+                    reply = "PLUGIN_PARAMETER"
+                elif kind == 1:
+                    body, reply = {"type": "PING"}, "PONG"
+                elif kind == 2:  # refused by the engine
+                    body = {"type": "PLUGIN_PARAMETER", "data": {
+                        **target, "parameter_id": "wet_dry", "parameter_value": 7.5}}
+                    reply = "ERROR"
+                elif kind == 4:  # runs in a worker thread: the request really waits
+                    body, reply = {"type": "PLUGIN_PARAMETERS_GET", "data": target}, \
+                        "PLUGIN_PARAMETERS_GET"
+                    reads.append(values[-1])
+                else:
+                    body, reply = {"type": "NOT_A_TYPE"}, "ERROR"
+                frames.append(json.dumps({"id": msg_id, **body}))
+                expected.append((msg_id, reply))
+            for text in frames:
+                await a.send_raw(text)
+
+            def replies() -> list[dict[str, Any]]:
+                return [m for m in a.received() if str(m.get("id")).startswith("q")]
+
+            await wait_until(lambda: len(replies()) >= len(frames), timeout=30)
+            assert [(m["id"], m["type"]) for m in replies()] == expected
+            seen = [m["data"]["parameters"]["wet_dry"]
+                    for m in replies() if m["type"] == "PLUGIN_PARAMETERS_GET"]
+            assert seen == reads  # each read saw every earlier change and no later one
+            assert (await b.get_parameters("t", pid))["parameters"]["wet_dry"] == values[-1]
+            assert server.store is not None
+            recorded = [e.details["value"] for e in server.store.events(
+                "jam", action="parameter_update")]
+            assert recorded == (values if tracking else [])
+
+    run(scenario())
+
+
+def test_a_client_whose_frames_are_all_buffered_lets_the_others_run(tmp_path: Path) -> None:
+    """When replies do not wait for the store, a connection's frames are handled one after
+    another on its own task; when they are all there already, the loop still gets a turn
+    every BURST frames."""
+    from pluginlab.server import BURST, PluginServer
+
+    class Buffered:
+        """A connection whose frames have all arrived: iterating it never waits."""
+
+        def __init__(self, frames: list[str]) -> None:
+            self.frames = frames
+
+        async def __aiter__(self) -> Any:
+            for text in self.frames:
+                yield text
+
+    async def scenario() -> None:
+        server = PluginServer(make_config(tmp_path, enable_daid_tracking=False))
+        assert not server.studio.tracking
+        replies: list[dict[str, Any]] = []
+        conn = server.studio.connect(replies.append)
+        frames = [json.dumps({"id": f"p{i}", "type": "PING"}) for i in range(10 * BURST)]
+        turns = 0
+
+        async def other_connection() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_connection())
+        await asyncio.sleep(0)
+        await server._serve_in_turn(Buffered(frames), conn)  # type: ignore[arg-type]
+        other.cancel()
+        assert [r["id"] for r in replies] == [f"p{i}" for i in range(len(frames))]
+        assert turns >= len(frames) // BURST
+        await server.stop()
 
     run(scenario())
 
