@@ -4,6 +4,8 @@ Run on demand (not a test)::
 
     python bench/bench_provenance.py            # full: 1,000,000 events (about 3 minutes)
     python bench/bench_provenance.py --quick    # 100,000 events, shorter write runs
+    python bench/bench_provenance.py --read-only --keep-db /tmp/db/read.sqlite
+        # only the read benchmark, on a database filled once and kept for the next runs
 
 Everything is measured in the same run, on the same machine, with the same schema and pragmas
 (WAL, ``synchronous=NORMAL`` unless stated, ``fsync`` rows ``synchronous=FULL``; the store's
@@ -134,7 +136,7 @@ def store_asyncio(folder: Path, tasks: int, seconds: float) -> Rate:
     rng = random.Random(7)
     drafts = [change_draft(rng) for _ in range(1000)]
 
-    async def run() -> tuple[int, float]:
+    async def run() -> tuple[int, float, float]:
         deadline = time.perf_counter() + seconds
         counts = [0] * tasks
 
@@ -259,6 +261,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="100k events, 1 s write runs")
     parser.add_argument("--events", type=int, help="events for the read benchmark")
     parser.add_argument("--seconds", type=float, help="duration of each write run")
+    parser.add_argument("--read-only", action="store_true", help="skip the write benchmarks")
+    parser.add_argument("--keep-db", type=Path, metavar="PATH",
+                        help="database of the read benchmark: filled only if missing, then kept")
     args = parser.parse_args()
     total = args.events or (100_000 if args.quick else 1_000_000)
     seconds = args.seconds or (1.0 if args.quick else 3.0)
@@ -266,53 +271,68 @@ def main() -> int:
     print(f"# bench_provenance: {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
           f"pandas {pd.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rows: list[tuple[str, ...]] = []
     try:
-        print("## durable appends (events/s)", flush=True)
-        raw_one = raw_one_per_transaction(folder, seconds)
-        rows.append(("raw sqlite3, 1 row per transaction (baseline)", f"{raw_one:,.0f}", "-",
-                     "1.00x"))
-        raw_many = raw_executemany(folder, 100_000)
-        rows.append(("raw sqlite3, executemany, 1 transaction (baseline)", f"{raw_many:,.0f}",
-                     "-", f"{raw_many / raw_one:.2f}x"))
-
-        def store_row(label: str, rate: Rate, base: float, tag: str = "") -> None:
-            rows.append((label, f"{rate.durable:,.0f}", f"{rate.indexed:,.0f}",
-                         f"{rate.durable / base:.2f}x{tag}"))
-
-        for threads in (1, 4, 16):
-            store_row(f"ProvenanceStore.append, {threads} thread(s)",
-                      store_threads(folder, threads, seconds), raw_one)
-        store_row("ProvenanceStore.append_async, 256 asyncio tasks",
-                  store_asyncio(folder, 256, seconds), raw_one)
-        raw_full = raw_one_per_transaction(folder, seconds, fsync=True)
-        rows.append(("raw sqlite3, 1 row per transaction, synchronous=FULL", f"{raw_full:,.0f}",
-                     "-", "1.00x (FULL)"))
-        store_row("ProvenanceStore.append, 16 threads, fsync=True (FULL)",
-                  store_threads(folder, 16, seconds, fsync=True), raw_full, " (FULL)")
-        _table(("writer", "durable events/s", "incl. indexing", "vs raw 1/txn"), rows)
-        print("\n'durable': acknowledged (journaled) during the run; 'incl. indexing': the same "
-              "events over the run plus the wait until the indexer had them all in the tables.")
-
-        print(f"\n## reading {total:,} events", flush=True)
-        path = folder / "read.sqlite"
-        fill_rate = fill(path, total)
-        frame_time, _ = best_of(3, lambda: events_frame(path))
-        sql_time, _ = best_of(2, lambda: read_sql(path))
-        _table(
-            ("reader", "seconds", "vs read_sql"),
-            [
-                (f"fill through ProvenanceStore.append_many ({fill_rate:,.0f} events/s)", "-",
-                 "-"),
-                ("pandas.read_sql('SELECT * FROM daid_events')", f"{sql_time:.2f}", "1.00x"),
-                ("analysis.events_frame", f"{frame_time:.2f}",
-                 f"{sql_time / frame_time:.2f}x faster"),
-            ],
-        )
+        if not args.read_only:
+            _write_benchmarks(folder, seconds)
+        _read_benchmark(args.keep_db or folder / "read.sqlite", total)
         print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _write_benchmarks(folder: Path, seconds: float) -> None:
+    rows: list[tuple[str, ...]] = []
+    print("## durable appends (events/s)", flush=True)
+    raw_one = raw_one_per_transaction(folder, seconds)
+    rows.append(("raw sqlite3, 1 row per transaction (baseline)", f"{raw_one:,.0f}", "-",
+                 "1.00x"))
+    raw_many = raw_executemany(folder, 100_000)
+    rows.append(("raw sqlite3, executemany, 1 transaction (baseline)", f"{raw_many:,.0f}",
+                 "-", f"{raw_many / raw_one:.2f}x"))
+
+    def store_row(label: str, rate: Rate, base: float, tag: str = "") -> None:
+        rows.append((label, f"{rate.durable:,.0f}", f"{rate.indexed:,.0f}",
+                     f"{rate.durable / base:.2f}x{tag}"))
+
+    for threads in (1, 4, 16):
+        store_row(f"ProvenanceStore.append, {threads} thread(s)",
+                  store_threads(folder, threads, seconds), raw_one)
+    store_row("ProvenanceStore.append_async, 256 asyncio tasks",
+              store_asyncio(folder, 256, seconds), raw_one)
+    raw_full = raw_one_per_transaction(folder, seconds, fsync=True)
+    rows.append(("raw sqlite3, 1 row per transaction, synchronous=FULL", f"{raw_full:,.0f}",
+                 "-", "1.00x (FULL)"))
+    store_row("ProvenanceStore.append, 16 threads, fsync=True (FULL)",
+              store_threads(folder, 16, seconds, fsync=True), raw_full, " (FULL)")
+    _table(("writer", "durable events/s", "incl. indexing", "vs raw 1/txn"), rows)
+    print("\n'durable': acknowledged (journaled) during the run; 'incl. indexing': the same "
+          "events over the run plus the wait until the indexer had them all in the tables.")
+
+
+def _read_benchmark(path: Path, total: int) -> None:
+    """events_frame vs read_sql on ``path``, filled with ``total`` events unless it exists."""
+    print(f"\n## reading {path}", flush=True)
+    if path.exists():
+        fill_row = f"reused {path} (not refilled)"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fill_row = f"fill through ProvenanceStore.append_many ({fill(path, total):,.0f} events/s)"
+    conn = sqlite3.connect(path)
+    try:
+        count = conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0]
+    finally:
+        conn.close()
+    frame_time, _ = best_of(3, lambda: events_frame(path))
+    sql_time, _ = best_of(2, lambda: read_sql(path))
+    _table(
+        ("reader", f"seconds ({count:,} events)", "vs read_sql"),
+        [
+            (fill_row, "-", "-"),
+            ("pandas.read_sql('SELECT * FROM daid_events')", f"{sql_time:.2f}", "1.00x"),
+            ("analysis.events_frame", f"{frame_time:.2f}", f"{sql_time / frame_time:.2f}x faster"),
+        ],
+    )
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

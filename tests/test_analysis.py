@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
+from pluginlab import analysis
 from pluginlab.analysis import (
     CATEGORY_COLUMNS,
     EVENT_COLUMNS,
@@ -197,6 +198,46 @@ def test_events_frame_is_consistent_while_the_log_grows(tmp_path: Path) -> None:
         finally:
             stop.set()
             thread.join()
+
+
+def test_events_frame_read_in_small_pieces_is_the_same(store: ProvenanceStore,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many scan queries and many details arrays (a big log's layout, scaled down) give the
+    same frame, filtered or not, odd rows included (no id, no details, details not an object)."""
+    with sqlite3.connect(store.path) as conn:
+        conn.executemany(
+            "INSERT INTO daid_events(id, seq, user_id, action, details, timestamp, session_id, "
+            "entity_type, entity_id, operation, parents, prev_hash, chain_hash) "
+            "VALUES (?, ?, 'dave', 'custom_action', ?, '2026-11-25T20:00:09.000Z', 's1', "
+            "NULL, NULL, NULL, '[]', 'x', 'y')",
+            [("list", 14, "[1, 2.5]"), (None, 15, None), (None, 16, "{\"value\": 7}")],
+        )
+    conn.close()
+    cases: list[dict[str, Any]] = [{}, {"session_id": "s1"}, {"user_id": ["dave", "bob"]}]
+    expected = [events_frame(store, **filters) for filters in cases]
+    tail = expected[0].iloc[-3:]
+    assert list(tail["daid"]) == ["list", None, None]
+    assert list(tail["details"]) == [[1, 2.5], None, {"value": 7}]
+    assert tail["value"].iloc[2] == 7.0 and math.isnan(tail["value"].iloc[0])
+    monkeypatch.setattr(analysis, "_CHUNK", 2)  # the last scan: only rows without an id
+    monkeypatch.setattr(analysis, "_PIECE_ROWS", 2)
+    for filters, frame in zip(cases, expected):
+        pd.testing.assert_frame_equal(events_frame(store, **filters), frame)
+
+
+def test_events_frame_with_rows_deleted_by_hand(store: ProvenanceStore) -> None:
+    """Gaps in the rowids (rows deleted outside the store) keep every column aligned."""
+    events = store.events()
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("DELETE FROM daid_events WHERE seq IN (1, 5, 9)")
+    conn.close()
+    frame = events_frame(store)
+    kept = [e for e in events if e.seq not in (1, 5, 9)]
+    assert list(frame["seq"]) == [e.seq for e in kept]
+    assert list(frame["daid"]) == [e.daid for e in kept]
+    assert list(frame["user_id"]) == [e.user_id for e in kept]
+    assert list(frame["plugin_id"]) == [e.details["plugin_id"] for e in kept]  # seq 1 had none
+    assert list(frame["details"]) == [e.details for e in kept]
 
 
 # ---------------------------------------------------------------------------------------------
