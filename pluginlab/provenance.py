@@ -1299,7 +1299,9 @@ def _read_session_state(conn: sqlite3.Connection, session_id: str) -> State:
     return state
 
 
-INDEX_LINGER = 0.005  # seconds the indexer waits for more events before a transaction
+INDEX_LINGER = 0.005  # seconds without appends after which the indexer writes what it has
+INDEX_MAX_DELAY = 0.25  # ... but it never waits longer than this after the first one
+_INDEX_SLICE = 32  # events projected between two inserts (see ProvenanceStore._index)
 _OPEN_STORES: dict[str, ProvenanceStore] = {}  # realpath -> the store writing it here
 _OPEN_LOCK = threading.Lock()
 _MISSING = object()
@@ -1739,11 +1741,7 @@ class ProvenanceStore:
                 self._index_cond.wait_for(lambda: bool(self._backlog) or self._closed)
                 if not self._backlog:
                     return  # closed, everything indexed
-                if not self._closed and not self._waiting_readers:
-                    # let a few more arrive: fewer, bigger transactions (a reader cuts it short)
-                    self._index_cond.wait_for(
-                        lambda: self._closed or self._waiting_readers > 0
-                        or len(self._backlog) >= self._max_batch, delay)
+                self._linger(delay)
                 work = self._backlog[: self._max_batch]
             try:
                 self._index(work)
@@ -1766,16 +1764,31 @@ class ProvenanceStore:
                     self._journal.truncate()
                 self._index_cond.notify_all()
 
+    def _linger(self, delay: float) -> None:
+        """Wait (holding ``_index_cond``) while events keep arriving: index once appends pause
+        for ``delay`` or ``INDEX_MAX_DELAY`` has passed, so a burst of requests is not slowed
+        by indexing in the middle of it. A waiting reader, a full batch or close() ends it."""
+        began = time.monotonic()
+        while not self._closed and not self._waiting_readers \
+                and len(self._backlog) < self._max_batch:
+            seen = len(self._backlog)
+            left = INDEX_MAX_DELAY - (time.monotonic() - began)
+            if left <= 0:
+                return
+            self._index_cond.wait(min(delay, left))
+            if len(self._backlog) == seen:
+                return  # quiet
+
     def _index(self, work: Sequence[tuple[tuple[Any, ...], Event]]) -> None:
-        """Write journaled events and their projection in one transaction (indexer only)."""
+        """Write journaled events and their projection in one transaction (indexer only).
+
+        Events are projected and inserted in small slices, so the pure-Python stretches that
+        hold the GIL stay short (each insert releases it) and the loop thread is not delayed.
+        """
         conn = self._wconn
         first, last = work[0][1], work[-1][1]
         try:
             changes = _Changes()
-            for _row, event in work:
-                changes.heads[(event.session_id, event.entity_type, event.entity_id)] = event.daid
-                if event.action in _HANDLERS:
-                    self._project(event, changes)
             conn.execute("BEGIN IMMEDIATE")
             moved = conn.execute(
                 "UPDATE chain_head SET seq = ?, chain_hash = ? "
@@ -1787,7 +1800,14 @@ class ProvenanceStore:
                     f"{self.path}: the chain head moved under the store (another program wrote "
                     f"daid_events); events {first.seq}..{last.seq} stay in the journal"
                 )
-            conn.executemany(_INSERT_EVENT, [row for row, _event in work])
+            for start in range(0, len(work), _INDEX_SLICE):
+                piece = work[start:start + _INDEX_SLICE]
+                for _row, event in piece:
+                    changes.heads[(event.session_id, event.entity_type, event.entity_id)] = (
+                        event.daid)
+                    if event.action in _HANDLERS:
+                        self._project(event, changes)
+                conn.executemany(_INSERT_EVENT, [row for row, _event in piece])
             self._write_projection(conn, changes)
             conn.execute("COMMIT")
         except BaseException:
