@@ -310,17 +310,22 @@ def _write_text_frames(ws: ServerConnection, texts: list[str]) -> None:
 
 
 class _Serializer:
-    """``dumps`` once per message object: a broadcast hands the same dict to every member."""
+    """``dumps`` once per message object: a broadcast hands the same dicts to every member
+    (several of them, member by member), so the last few are remembered by identity."""
+
+    KEEP = 4
 
     def __init__(self) -> None:
-        self._last: dict[str, Any] | None = None
-        self._text = ""
+        self._recent: list[tuple[dict[str, Any], str]] = []
 
     def __call__(self, message: dict[str, Any]) -> str:
-        if message is not self._last:
-            self._text = dumps(message)
-            self._last = message
-        return self._text
+        for known, text in self._recent:
+            if known is message:
+                return text
+        text = dumps(message)
+        self._recent.insert(0, (message, text))
+        del self._recent[self.KEEP:]
+        return text
 
 
 def _address(ws: ServerConnection) -> str:

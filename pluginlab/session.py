@@ -234,8 +234,7 @@ class Studio:
         if outgoing is not None:
             self._send(conn, outgoing)
         current.open = False
-        for member, message in current.held:
-            self._send(member, message)
+        self._send_held(current)
 
     async def execute(self, conn: Connection, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
         """Python door: run one request and return its reply data (raises PluginlabError).
@@ -693,10 +692,31 @@ class Studio:
             else:
                 relay = {"track_id": plugin.track_id, "plugin_id": plugin.id,
                          "parameters": merged, "success": True, "daid": daid}
-            self._broadcast(session, sender, msg_type, relay)
-            self._state_update(session, sender, plugin, "updated", daid, merged)
+            current = _in_flight.get()
+            if current is not None and current.open:  # held until the request's reply
+                self._broadcast(session, sender, msg_type, relay)
+                self._state_update(session, sender, plugin, "updated", daid, merged)
+                return
+            group = _InFlight(None)  # a trailing edge: send both frames member by member
+            token = _in_flight.set(group)
+            try:
+                self._broadcast(session, sender, msg_type, relay)
+                self._state_update(session, sender, plugin, "updated", daid, merged)
+            finally:
+                _in_flight.reset(token)
+            self._send_held(group)
 
         session.throttle.submit(key, values, fire)
+
+    def _send_held(self, current: _InFlight) -> None:
+        """Send held broadcasts member by member (each member's in the order they were made),
+        so a transport can put one member's frames into one write."""
+        by_member: dict[Connection, list[dict[str, Any]]] = {}
+        for member, message in current.held:
+            by_member.setdefault(member, []).append(message)
+        for member, messages in by_member.items():
+            for message in messages:
+                self._send(member, message)
 
 
 def _batch_values(raw: Any) -> dict[str, Any]:
