@@ -1385,6 +1385,9 @@ class ProvenanceStore:
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # fsync mode: grouped appends
+        self._group_lock = threading.Lock()  # synchronous appends: see _lead_or_follow
+        self._group: list[_Request] = []
+        self._leading = False
         # sequencer state (under _seq_lock), (re)loaded from the tables by _load_state
         self._seq_lock = threading.Lock()
         self._seq: int = 0
@@ -1495,13 +1498,38 @@ class ProvenanceStore:
         """Record several events as one group: all are stored, or none (and it raises)."""
         if not drafts:
             return []
-        items = [_prepare(d) for d in drafts]
+        request = _Request([_prepare(d) for d in drafts])
         if self._writer is None:  # no fsync: writing the journal costs about a microsecond
             self._check_open()
-            return self._journal_groups([items])[0]
-        request = _Request(items)
-        self._enqueue(request)
+            self._lead_or_follow(request)
+        else:
+            self._enqueue(request)
         return request.wait()
+
+    def _lead_or_follow(self, request: _Request) -> None:
+        """Group concurrent synchronous appends without a thread hand-off: the first caller
+        to arrive journals everything queued meanwhile (its own and the followers') and wakes
+        them; the followers just wait. Threads no longer queue on the sequencer lock."""
+        with self._group_lock:
+            self._group.append(request)
+            if self._leading:
+                return  # a leader is running and will take it
+            self._leading = True
+        try:
+            while True:
+                with self._group_lock:
+                    batch, self._group = self._group, []
+                    if not batch:
+                        self._leading = False
+                        return
+                self._write_batch(batch)
+        except BaseException as exc:  # e.g. KeyboardInterrupt: nobody may be left waiting
+            with self._group_lock:
+                left, self._group, self._leading = self._group, [], False
+            for waiting in left:
+                waiting.error = exc
+            _finish(left)
+            raise
 
     async def append_async(self, draft: EventDraft) -> Event:
         """:meth:`append` for asyncio (see :meth:`append_many_async`)."""
@@ -1615,7 +1643,7 @@ class ProvenanceStore:
         return results
 
     def _write_batch(self, batch: list[_Request]) -> None:
-        """fsync mode: journal queued requests as one group, then wake their callers.
+        """Journal a group of queued requests (one write), then wake their callers.
 
         Never raises: every request of a failed group gets the error.
         """
