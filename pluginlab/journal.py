@@ -33,7 +33,7 @@ import mmap
 import os
 from typing import Any
 
-__all__ = ["Journal", "JournalBusy", "journal_path", "read_records"]
+__all__ = ["Journal", "JournalBusy", "journal_in_use", "journal_path", "read_records"]
 
 SUFFIX = "-daidlog"
 INITIAL_CAPACITY = 4 << 20  # bytes; doubled when full, back to this when emptied
@@ -113,6 +113,21 @@ class Journal:
                 os.unlink(self.path)
         os.close(self._fd)
         self._fd = -1
+
+
+def journal_in_use(path: str) -> bool:
+    """True while a :class:`Journal` (a store, in any process) has ``path`` open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops our shared lock
+    return False
 
 
 def _records_end(data: bytes | mmap.mmap) -> int:

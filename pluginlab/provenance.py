@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any, Self, cast
 
 from .errors import ErrorCode, PluginlabError
-from .journal import Journal, JournalBusy, journal_path, read_records
+from .journal import Journal, JournalBusy, journal_in_use, journal_path, read_records
 
 __all__ = [
     "ACTIONS",
@@ -116,7 +116,9 @@ __all__ = [
     "parse_daid",
     "parse_timestamp",
     "schema_version",
+    "store_unindexed_events",
     "unescape_id",
+    "unindexed_events",
     "verify_chain",
     "verify_database",
 ]
@@ -989,6 +991,43 @@ def migrate_database(path: str | os.PathLike[str]) -> tuple[int, int]:
         return migrate(conn, path=path)
     finally:
         conn.close()
+
+
+def unindexed_events(path: str | os.PathLike[str]) -> int:
+    """How many acknowledged events of the database at ``path`` are only in its journal (a
+    store was killed before indexing them; the next store to open the database stores them).
+
+    Read-only; 0 when there is no journal, or while a store has the database open (it
+    indexes its own events within milliseconds).
+    """
+    journal = journal_path(os.fspath(path))
+    if journal_in_use(journal):
+        return 0
+    records = read_records(journal)
+    if not records:
+        return 0
+    conn = _open_for_reading(path)
+    try:
+        row = conn.execute("SELECT seq FROM chain_head WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    head = row[0] if row else 0
+    return sum(1 for r in records if isinstance(r[0], int) and r[0] > head)
+
+
+def store_unindexed_events(path: str | os.PathLike[str]) -> int:
+    """Store the events a killed process left only in the journal; returns how many.
+
+    Does nothing (returns 0) while another store has the database open: that store indexes
+    them itself.
+    """
+    pending = unindexed_events(path)
+    if pending:
+        try:
+            ProvenanceStore(path).close()  # opening stores them
+        except JournalBusy:
+            return 0
+    return pending
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from .provenance import (
     SCHEMA_VERSION,
     _open_for_reading,
     migrate_database,
+    store_unindexed_events,
+    unindexed_events,
     verify_chain,
 )
 
@@ -102,6 +104,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         print(f"{args.db}: already at schema version {after}; nothing to do")
     else:
         print(f"{args.db}: migrated schema version {before} -> {after}")
+    try:
+        stored = store_unindexed_events(args.db)
+    except (OSError, PluginlabError, RuntimeError, sqlite3.DatabaseError) as exc:
+        return _fail(str(exc))
+    if stored:
+        print(f"{args.db}: stored {stored} acknowledged event(s) left in the journal by a "
+              "process that stopped before indexing them")
     return EXIT_OK
 
 
@@ -116,6 +125,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     finally:
         conn.close()
+    try:
+        pending = unindexed_events(args.db)
+    except (OSError, PluginlabError, RuntimeError, sqlite3.DatabaseError):
+        pending = 0
+    if pending:
+        print(f"note: {pending} acknowledged event(s) are only in the journal "
+              f"({args.db}-daidlog), not yet in the tables checked here; "
+              f"`pluginlab db migrate {args.db}` stores them")
     if result.ok:
         print(f"OK: {result.checked} events, hash chain intact")
         return EXIT_OK

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pluginlab.journal import Journal, JournalBusy, journal_path, read_records
+from pluginlab.journal import Journal, JournalBusy, journal_in_use, journal_path, read_records
 
 
 def test_appended_lines_are_read_back_in_order(tmp_path: Path) -> None:
@@ -60,7 +60,10 @@ def test_a_second_writer_is_refused_until_the_first_closes(tmp_path: Path) -> No
                 print("busy")
         """)], capture_output=True, text=True, check=False)
     assert other_process.stdout.strip() == "busy", other_process.stderr
+    assert journal_in_use(path)
     first.close()
+    assert not journal_in_use(path)
+    assert not journal_in_use(str(tmp_path / "absent"))
     second = Journal(path)
     second.append(b"[1]\n")
     second.close()

@@ -600,7 +600,8 @@ JOURNAL_ONLY_WRITER = textwrap.dedent(
 )
 
 
-def test_events_only_in_the_journal_are_stored_by_the_next_open(db: Path) -> None:
+def kill_after_journaling(db: Path) -> list[list[str]]:
+    """Run JOURNAL_ONLY_WRITER on ``db`` and SIGKILL it; its 50 acknowledgements."""
     process = subprocess.Popen(
         [sys.executable, "-c", JOURNAL_ONLY_WRITER, str(db)], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT,
@@ -618,13 +619,38 @@ def test_events_only_in_the_journal_are_stored_by_the_next_open(db: Path) -> Non
         assert conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0] == 0
     conn.close()
     assert len(read_records(journal_path(str(db)))) == 50
+    return acked
+
+
+def test_events_only_in_the_journal_are_stored_by_the_next_open(db: Path) -> None:
+    acked = kill_after_journaling(db)
+    assert prov.unindexed_events(db) == 50
     with ProvenanceStore(db) as store:
+        assert prov.unindexed_events(db) == 0  # in use: that store indexes its own
         stored = store.events()
         assert [[str(e.seq), e.daid] for e in stored] == acked
         assert [e.details["value"] for e in stored] == list(range(50))
         assert store.verify().ok
         assert read_records(journal_path(str(db))) == []
         assert store.append(auth()).seq == 51
+
+
+def test_the_cli_reports_and_stores_events_left_in_the_journal(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    acked = kill_after_journaling(db)
+    assert run_cli("daid", "verify", str(db)) == 0
+    out = capsys.readouterr().out
+    assert "50 acknowledged event(s) are only in the journal" in out and "OK: 0 events" in out
+    assert run_cli("db", "migrate", str(db)) == 0
+    assert "stored 50 acknowledged event(s)" in capsys.readouterr().out
+    assert run_cli("daid", "verify", str(db)) == 0
+    out = capsys.readouterr().out
+    assert "OK: 50 events" in out and "journal" not in out
+    with sqlite3.connect(db) as conn:
+        assert [r[0] for r in conn.execute("SELECT id FROM daid_events ORDER BY seq")] == \
+            [daid for _seq, daid in acked]
+    conn.close()
 
 
 def test_a_torn_last_record_was_never_acknowledged_and_is_dropped(
