@@ -39,6 +39,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .provenance import (
+    ProvenanceReader,
     ProvenanceStore,
     _open_for_reading,
     format_timestamp,
@@ -76,7 +77,7 @@ _PIECE = "\x1e"  # between the JSON arrays of details (never inside JSON text ei
 _DECODER = json.JSONDecoder()
 _TS_WIDTH = len("2026-11-25T20:16:03.120Z")
 
-Source = ProvenanceStore | str | os.PathLike[str]
+Source = ProvenanceStore | ProvenanceReader | str | os.PathLike[str]
 Filter = str | Iterable[str] | None
 
 
@@ -106,7 +107,8 @@ def events_frame(
     none), ``value`` float64 (NaN unless ``details.value`` is a number; exact), ``details``
     dict.
     """
-    path = source.path if isinstance(source, ProvenanceStore) else os.fspath(source)
+    path = source.path if isinstance(source, (ProvenanceStore, ProvenanceReader)) \
+        else os.fspath(source)
     where, args = _where(session_id, user_id, plugin_id, start, end)
     conn = _open_for_reading(path)
     try:

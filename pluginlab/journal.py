@@ -64,7 +64,8 @@ class Journal:
             os.close(self._fd)
             raise JournalBusy(
                 f"{path}: the database is open for writing by another pluginlab store "
-                "(in this or another process); close that one first"
+                "(in this or another process); close that one first, or read it meanwhile "
+                "with pluginlab.provenance.ProvenanceReader"
             ) from None
         try:
             capacity = max(os.fstat(self._fd).st_size, INITIAL_CAPACITY)

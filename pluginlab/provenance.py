@@ -73,7 +73,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
@@ -99,6 +99,7 @@ __all__ = [
     "InvalidDaid",
     "InvalidEvent",
     "JournalBusy",
+    "ProvenanceReader",
     "ProvenanceStore",
     "SchemaTooNew",
     "StoreClosed",
@@ -1338,6 +1339,174 @@ def _read_session_state(conn: sqlite3.Connection, session_id: str) -> State:
     return state
 
 
+class _EventReads:
+    """The read API of a DAID database, shared by :class:`ProvenanceStore` (which writes it)
+    and :class:`ProvenanceReader` (read-only). Subclasses provide ``_reader()``."""
+
+    path: str
+
+    def _reader(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def events(
+        self,
+        session_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        action: str | None = None,
+        entity_type: str | None = None,
+        entity_id: str | None = None,
+        plugin_id: str | None = None,
+        since_seq: int | None = None,
+        until_seq: int | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Stored events in seq order, filtered by every argument given (AND).
+
+        ``since_seq``/``until_seq`` and ``start``/``end`` are inclusive bounds.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        for column, wanted in (
+            ("session_id", session_id), ("user_id", user_id), ("action", action),
+            ("entity_type", entity_type), ("entity_id", entity_id), ("plugin_id", plugin_id),
+        ):
+            if wanted is not None:
+                where.append(f"{column} = ?")
+                args.append(wanted)
+        for clause, bound in (("seq >= ?", since_seq), ("seq <= ?", until_seq)):
+            if bound is not None:
+                where.append(clause)
+                args.append(bound)
+        for clause, moment in (("timestamp >= ?", start), ("timestamp <= ?", end)):
+            if moment is not None:
+                where.append(clause)
+                args.append(_iso_ms(_to_ms(parse_timestamp(moment))))
+        sql = f"SELECT {_EVENT_COLUMNS} FROM daid_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._reader() as conn:
+            return [_row_to_event(row) for row in conn.execute(sql, args)]
+
+    def event(self, daid: str) -> Event:
+        """The event with this DAID (:class:`DaidNotFound` if absent)."""
+        parse_daid(daid)
+        with self._reader() as conn:
+            row = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM daid_events WHERE id = ?", (daid,)
+            ).fetchone()
+        if row is None:
+            raise DaidNotFound(daid)
+        return _row_to_event(row)
+
+    def count(self) -> int:
+        """Number of stored events."""
+        with self._reader() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0])
+
+    def sessions(self) -> list[str]:
+        """Every session id known to the log or the projection, sorted."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT session_id FROM session_tracks UNION "
+                "SELECT DISTINCT session_id FROM daid_events WHERE session_id IS NOT NULL "
+                "UNION SELECT DISTINCT session_id FROM plugin_configurations "
+                "WHERE session_id IS NOT NULL"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def session_state(self, session_id: str) -> State:
+        """Current ``{track_id: [plugin dict in chain order]}``, read from the projection tables.
+
+        This is what restores a session after a restart; empty tracks are included.
+        """
+        with self._reader() as conn:
+            return _read_session_state(conn, session_id)
+
+    def state_at(
+        self,
+        session_id: str,
+        at: datetime | str | None = None,
+        *,
+        daid: str | None = None,
+    ) -> State:
+        """The session's state rebuilt from the event log alone.
+
+        ``at``: include events with ``timestamp <= at`` (ms resolution; naive = UTC);
+        ``daid``: include events up to and including that event (of any session);
+        neither: the whole log (equals :meth:`session_state` for sessions that did not
+        exist before the log, i.e. other than migrated legacy rows).
+        """
+        if at is not None and daid is not None:
+            raise ValueError("give either at or daid, not both")
+        where, args = ["session_id = ?"], [session_id]
+        with self._reader() as conn:
+            if daid is not None:
+                parse_daid(daid)
+                row = conn.execute("SELECT seq FROM daid_events WHERE id = ?", (daid,)).fetchone()
+                if row is None:
+                    raise DaidNotFound(daid)
+                where.append("seq <= ?")
+                args.append(row[0])
+            elif at is not None:
+                where.append("timestamp <= ?")
+                args.append(_iso_ms(_to_ms(parse_timestamp(at))))
+            # Only what apply_event reads; parents and hashes are not needed to replay.
+            cursor = conn.execute(
+                "SELECT seq, id, timestamp, user_id, action, details FROM daid_events "
+                f"WHERE {' AND '.join(where)} AND action IN ({_REPLAYED}) ORDER BY seq",
+                args,
+            )
+            state: State = {}
+            loads = json.loads
+            for seq, event_id, stamp, user_id, action, details in cursor:
+                apply_event(state, Event(seq, event_id, stamp, user_id, session_id, action, "",
+                                         "", "", loads(details), (), "", ""))
+        return state
+
+    def verify(self) -> VerifyResult:
+        """Recompute the whole hash chain (see :func:`verify_chain`)."""
+        with self._reader() as conn:
+            return verify_chain(conn)
+
+
+class ProvenanceReader(_EventReads):
+    """Read-only access to a DAID database, also while a :class:`ProvenanceStore` (in this or
+    another process) writes it; only one store may open a database at a time.
+
+    Same read methods as the store (``events``, ``event``, ``count``, ``sessions``,
+    ``session_state``, ``state_at``, ``verify``). It sees what the writing store has indexed:
+    everything it acknowledged when that store is in this process, otherwise up to a few ms
+    less. Each read opens a short-lived read-only connection; nothing is ever modified.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        _open_for_reading(self.path).close()  # exists and has a schema this code reads
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        conn = _open_for_reading(self.path)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Nothing to release (kept for symmetry with the store)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 INDEX_LINGER = 0.005  # seconds without appends after which the indexer writes what it has
 INDEX_MAX_DELAY = 0.25  # ... but it never waits longer than this after the first one
 _INDEX_SLICE = 32  # events projected between two inserts (see ProvenanceStore._index)
@@ -1376,7 +1545,7 @@ class _Undo:
                 mapping[key] = old
 
 
-class ProvenanceStore:
+class ProvenanceStore(_EventReads):
     """The DAID event log and plugin-state projection in one SQLite file.
 
     ``path`` None or ``":memory:"`` uses a private temporary file, deleted by :meth:`close`
@@ -2050,7 +2219,7 @@ class ProvenanceStore:
             self._states.setdefault(session, {}).setdefault(row[0], []).append(plugin)
             self._row_ids[(session, plugin["plugin_id"])] = row[10]
 
-    # -- reads -------------------------------------------------------------------------------
+    # -- reads (see _EventReads) ---------------------------------------------------------
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -2070,132 +2239,6 @@ class ProvenanceStore:
             with self._readers_lock:
                 if not self._closed:
                     self._readers.append(conn)
-
-    def events(
-        self,
-        session_id: str | None = None,
-        *,
-        user_id: str | None = None,
-        action: str | None = None,
-        entity_type: str | None = None,
-        entity_id: str | None = None,
-        plugin_id: str | None = None,
-        since_seq: int | None = None,
-        until_seq: int | None = None,
-        start: datetime | str | None = None,
-        end: datetime | str | None = None,
-        limit: int | None = None,
-    ) -> list[Event]:
-        """Stored events in seq order, filtered by every argument given (AND).
-
-        ``since_seq``/``until_seq`` and ``start``/``end`` are inclusive bounds.
-        """
-        where: list[str] = []
-        args: list[Any] = []
-        for column, wanted in (
-            ("session_id", session_id), ("user_id", user_id), ("action", action),
-            ("entity_type", entity_type), ("entity_id", entity_id), ("plugin_id", plugin_id),
-        ):
-            if wanted is not None:
-                where.append(f"{column} = ?")
-                args.append(wanted)
-        for clause, bound in (("seq >= ?", since_seq), ("seq <= ?", until_seq)):
-            if bound is not None:
-                where.append(clause)
-                args.append(bound)
-        for clause, moment in (("timestamp >= ?", start), ("timestamp <= ?", end)):
-            if moment is not None:
-                where.append(clause)
-                args.append(_iso_ms(_to_ms(parse_timestamp(moment))))
-        sql = f"SELECT {_EVENT_COLUMNS} FROM daid_events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        with self._reader() as conn:
-            return [_row_to_event(row) for row in conn.execute(sql, args)]
-
-    def event(self, daid: str) -> Event:
-        """The event with this DAID (:class:`DaidNotFound` if absent)."""
-        parse_daid(daid)
-        with self._reader() as conn:
-            row = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM daid_events WHERE id = ?", (daid,)
-            ).fetchone()
-        if row is None:
-            raise DaidNotFound(daid)
-        return _row_to_event(row)
-
-    def count(self) -> int:
-        """Number of stored events."""
-        with self._reader() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0])
-
-    def sessions(self) -> list[str]:
-        """Every session id known to the log or the projection, sorted."""
-        with self._reader() as conn:
-            rows = conn.execute(
-                "SELECT session_id FROM session_tracks UNION "
-                "SELECT DISTINCT session_id FROM daid_events WHERE session_id IS NOT NULL "
-                "UNION SELECT DISTINCT session_id FROM plugin_configurations "
-                "WHERE session_id IS NOT NULL"
-            ).fetchall()
-        return sorted(r[0] for r in rows)
-
-    def session_state(self, session_id: str) -> State:
-        """Current ``{track_id: [plugin dict in chain order]}``, read from the projection tables.
-
-        This is what restores a session after a restart; empty tracks are included.
-        """
-        with self._reader() as conn:
-            return _read_session_state(conn, session_id)
-
-    def state_at(
-        self,
-        session_id: str,
-        at: datetime | str | None = None,
-        *,
-        daid: str | None = None,
-    ) -> State:
-        """The session's state rebuilt from the event log alone.
-
-        ``at``: include events with ``timestamp <= at`` (ms resolution; naive = UTC);
-        ``daid``: include events up to and including that event (of any session);
-        neither: the whole log (equals :meth:`session_state` for sessions that did not
-        exist before the log, i.e. other than migrated legacy rows).
-        """
-        if at is not None and daid is not None:
-            raise ValueError("give either at or daid, not both")
-        where, args = ["session_id = ?"], [session_id]
-        with self._reader() as conn:
-            if daid is not None:
-                parse_daid(daid)
-                row = conn.execute("SELECT seq FROM daid_events WHERE id = ?", (daid,)).fetchone()
-                if row is None:
-                    raise DaidNotFound(daid)
-                where.append("seq <= ?")
-                args.append(row[0])
-            elif at is not None:
-                where.append("timestamp <= ?")
-                args.append(_iso_ms(_to_ms(parse_timestamp(at))))
-            # Only what apply_event reads; parents and hashes are not needed to replay.
-            cursor = conn.execute(
-                "SELECT seq, id, timestamp, user_id, action, details FROM daid_events "
-                f"WHERE {' AND '.join(where)} AND action IN ({_REPLAYED}) ORDER BY seq",
-                args,
-            )
-            state: State = {}
-            loads = json.loads
-            for seq, event_id, stamp, user_id, action, details in cursor:
-                apply_event(state, Event(seq, event_id, stamp, user_id, session_id, action, "",
-                                         "", "", loads(details), (), "", ""))
-        return state
-
-    def verify(self) -> VerifyResult:
-        """Recompute the whole hash chain (see :func:`verify_chain`)."""
-        with self._reader() as conn:
-            return verify_chain(conn)
 
 
 _PLUGIN_KEYS = ("track_id", "plugin_id")

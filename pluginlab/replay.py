@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Engine
-from .provenance import Event, ProvenanceStore, parse_timestamp
+from .provenance import Event, ProvenanceReader, ProvenanceStore, parse_timestamp
 from .sources import Source
 
 __all__ = ["Replay", "Change", "replay", "restore_engine"]
@@ -57,7 +57,8 @@ class Replay:
 
 
 def restore_engine(
-    store: ProvenanceStore, session_id: str, *, at: datetime | str | None = None,
+    store: ProvenanceStore | ProvenanceReader, session_id: str, *,
+    at: datetime | str | None = None,
     sample_rate: int = 44100, block_size: int = 512, **engine_kwargs: Any,
 ) -> Engine:
     """A new engine holding ``session_id``'s plugins: now (projection) or as of ``at`` (log)."""
@@ -68,7 +69,7 @@ def restore_engine(
 
 
 def replay(
-    store: ProvenanceStore,
+    store: ProvenanceStore | ProvenanceReader,
     session_id: str,
     track_id: str,
     *,
@@ -104,7 +105,9 @@ def replay(
     return Replay(audio, sample_rate, t0, changes, skipped, engine)
 
 
-def _state_before(store: ProvenanceStore, session_id: str, first: Event) -> dict[str, Any]:
+def _state_before(
+    store: ProvenanceStore | ProvenanceReader, session_id: str, first: Event
+) -> dict[str, Any]:
     """The session's plugins just before ``first`` (by sequence, not by clock)."""
     earlier = store.events(session_id, until_seq=first.seq - 1)
     return store.state_at(session_id, daid=earlier[-1].daid) if earlier else {}

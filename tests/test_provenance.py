@@ -700,6 +700,55 @@ def test_append_many_is_all_or_nothing(store: ProvenanceStore, db: Path) -> None
     assert store.append_many([]) == []
 
 
+READER_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    from pluginlab.provenance import ProvenanceReader, ProvenanceStore, JournalBusy
+    try:
+        ProvenanceStore(sys.argv[1])
+        busy = False
+    except JournalBusy:
+        busy = True
+    with ProvenanceReader(sys.argv[1]) as reader:
+        print(json.dumps({"busy": busy, "count": reader.count(), "ok": reader.verify().ok,
+                          "state": reader.session_state("s1")}))
+    """
+)
+
+
+def test_a_reader_works_while_a_store_writes_in_another_process(db: Path) -> None:
+    with ProvenanceStore(db) as store:
+        store.append(add("rev1"))
+        store.append(param("rev1", "wet_dry", 0.25))
+        store.flush()  # what another process can see is what has been indexed
+        result = run_process([sys.executable, "-c", READER_PROCESS, str(db)])
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["busy"] is True  # a second writer is refused ...
+        assert seen["count"] == 2 and seen["ok"]  # ... a reader is not
+        assert seen["state"]["t1"][0]["parameters"]["wet_dry"] == 0.25
+        assert store.append(auth()).seq == 3  # and the writer goes on
+
+
+def test_a_reader_in_the_writing_process_sees_every_acknowledged_event(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prov, "INDEX_LINGER", 3600.0)  # nothing is indexed unless a read asks
+    with ProvenanceStore(db) as store:
+        events = [store.append(add("rev1")), store.append(param("rev1", "wet_dry", 0.5))]
+        reader = prov.ProvenanceReader(db)
+        assert reader.events() == events
+        assert reader.event(events[1].daid) == events[1]
+        assert reader.state_at("s1") == store.session_state("s1")
+        before = db.stat().st_mtime_ns, db.stat().st_size
+        assert reader.count() == 2 and reader.sessions() == ["s1"]
+        assert (db.stat().st_mtime_ns, db.stat().st_size) == before  # reads change nothing
+        with pytest.raises(AttributeError):
+            reader.append(auth())  # type: ignore[attr-defined]
+    with pytest.raises(FileNotFoundError):
+        prov.ProvenanceReader(db.parent / "missing.sqlite")
+
+
 def test_a_database_that_refuses_rows_loses_no_acknowledged_event(db: Path) -> None:
     """Acknowledged = journaled: if SQLite refuses to index them, reads say so (no stale
     answer), the events wait in the journal, and they are stored once it accepts them again."""
