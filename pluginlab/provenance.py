@@ -1199,10 +1199,10 @@ class _Prepared:
 class _Request:
     """One append call: its prepared drafts and how to wake the caller.
 
-    Synchronous callers block on a pre-acquired lock that the writer releases (cheaper than a
-    ``concurrent.futures.Future``). Asyncio callers carry their loop and future; the writer
-    wakes each loop once per group commit, not once per request (a cross-thread wake-up is a
-    socket write).
+    Synchronous callers block on a pre-acquired lock that the group's leader (or the fsync
+    writer thread) releases (cheaper than a ``concurrent.futures.Future``). Asyncio callers
+    (fsync mode only) carry their loop and future; the writer wakes each loop once per group,
+    not once per request (a cross-thread wake-up is a socket write).
     """
 
     __slots__ = ("done", "error", "events", "future", "items", "lock", "loop")
@@ -1266,12 +1266,6 @@ _WAL_AUTOCHECKPOINT_PAGES = 10_000
 _INSERT_EVENT = (
     f"INSERT INTO daid_events({_EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-# One statement (one GIL release) for a whole group: the rows travel as one JSON array.
-_INSERT_EVENTS_JSON = (
-    f"INSERT INTO daid_events({_EVENT_COLUMNS}) SELECT "
-    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(13))
-    + " FROM json_each(?)"
-)
 _PLUGIN_VALUES = (
     "track_id, position, name, plugin_name, plugin_path, parameters, bypass, created_by, "
     "created_at, updated_at, daid_id"
@@ -1291,7 +1285,7 @@ _UPDATE_PLUGIN = (
 
 @dataclass
 class _Changes:
-    """What one group commit must write besides the events."""
+    """What one indexing transaction must write besides the events."""
 
     dirty: dict[tuple[str, str], None] = field(default_factory=dict)
     deletes: list[str] = field(default_factory=list)
