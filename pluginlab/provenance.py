@@ -1546,7 +1546,7 @@ class ProvenanceStore(_EventReads):
     (SQLite's ``:memory:`` cannot be shared with reader connections). Opening migrates the
     database (:func:`migrate`) and stores any event that a crashed process had journaled but
     not yet indexed. One store per database file at a time: a second one (in any process)
-    raises :class:`~pluginlab.journal.JournalBusy`.
+    raises :class:`~pluginlab.journal.JournalBusy`; :class:`ProvenanceReader` reads meanwhile.
 
     Appends are thread-safe and **durable when they return**: each group of events is written
     to the journal (:mod:`pluginlab.journal`) first, then copied into the SQLite tables by an
