@@ -171,7 +171,10 @@ class PluginServer:
         def send(message: dict[str, Any]) -> None:
             outbox.send(ws, serialize(message))
 
-        conn = self.studio.connect(send, _address(ws))
+        def send_many(messages: list[dict[str, Any]]) -> None:
+            outbox.send_many(ws, [serialize(message) for message in messages])
+
+        conn = self.studio.connect(send, _address(ws), send_many=send_many)
         try:
             await self._handshake_join(ws, conn)
             if self.studio.replies_wait:
@@ -279,6 +282,18 @@ class _Outbox:
             self._end_scheduled = True
             asyncio.get_running_loop().call_soon(self._step_over)
         broadcast([ws], text)
+
+    def send_many(self, ws: ServerConnection, texts: list[str]) -> None:
+        """Several messages to one connection: written together at once (one write)."""
+        if ws is self._ws:
+            self._held.extend(texts)
+            return
+        self.end_run()
+        self._ws = ws  # later messages to ws join this run
+        if not self._end_scheduled:
+            self._end_scheduled = True
+            asyncio.get_running_loop().call_soon(self._step_over)
+        _write_text_frames(ws, texts)
 
     def end_run(self) -> None:
         """Write the held messages of the current run now."""

@@ -50,6 +50,7 @@ __all__ = ["Studio", "Connection", "Session"]
 log = logging.getLogger("pluginlab.session")
 
 Send = Callable[[dict[str, Any]], None]
+SendMany = Callable[[list[dict[str, Any]]], None]
 _conn_ids = itertools.count(1)
 
 
@@ -90,13 +91,15 @@ REPLY_TYPE = {"ADD_PLUGIN": "PLUGIN_ADDED", "UPDATE_PARAMETER": "PARAMETER_UPDAT
 
 
 class Connection:
-    """One client as the core sees it. ``send`` must not block (the transport queues)."""
+    """One client as the core sees it. ``send`` must not block (the transport queues);
+    ``send_many`` (optional) sends several messages at once, in order, e.g. in one write."""
 
     def __init__(self, send: Send, address: str = "local", config: ServerConfig | None = None,
-                 *, limited: bool = True):
+                 *, limited: bool = True, send_many: SendMany | None = None):
         cfg = config or ServerConfig()
         self.id = f"conn_{next(_conn_ids)}"
         self.send = send
+        self.send_many = send_many
         self.address = address
         self.identity: Identity | None = None
         self.session_id: str | None = None
@@ -185,10 +188,12 @@ class Studio:
         return self.tracking and bool(getattr(self.store, "appends_suspend", True))
 
     # == doors ==============================================================================
-    def connect(self, send: Send, address: str = "local", *, limited: bool = True) -> Connection:
+    def connect(self, send: Send, address: str = "local", *, limited: bool = True,
+                send_many: SendMany | None = None) -> Connection:
         """Register a new client; returns its connection. ``limited=False`` exempts a trusted
-        in-process door (the notebook's own widgets) from rate limits."""
-        conn = Connection(send, address, self.config, limited=limited)
+        in-process door (the notebook's own widgets) from rate limits; ``send_many`` lets the
+        transport write a member's several broadcasts of one change together."""
+        conn = Connection(send, address, self.config, limited=limited, send_many=send_many)
         self.connections[conn.id] = conn
         return conn
 
@@ -715,6 +720,10 @@ class Studio:
         for member, message in current.held:
             by_member.setdefault(member, []).append(message)
         for member, messages in by_member.items():
+            if len(messages) > 1 and member.send_many is not None:
+                if not member.closed:
+                    member.send_many(messages)
+                continue
             for message in messages:
                 self._send(member, message)
 

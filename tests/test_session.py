@@ -201,6 +201,33 @@ def test_reply_comes_before_the_broadcasts_it_causes(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_members_broadcasts_of_one_change_go_out_together(tmp_path: Path) -> None:
+    """A transport that can send several messages at once gets each member's broadcasts of a
+    change in one call, in order (relay, then state update), and members one after another;
+    trailing edges of the debounce too."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, debounce_window=0.05) as rig:
+            alice = await rig.peer("alice")
+            calls: dict[str, list[list[str]]] = {"bob": [], "cat": []}
+            for name in calls:
+                peer = await rig.peer(name)
+                peer.conn.send_many = lambda ms, n=name: calls[n].append([m["type"] for m in ms])
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t1", "name": "Reverb"}))["plugin_id"]
+            for name in calls:  # PLUGIN_ADD + its state update, together
+                assert calls[name] == [["PLUGIN_ADD", "PLUGIN_STATE_UPDATE"]]
+                calls[name].clear()
+            change = {"track_id": "t1", "plugin_id": pid, "parameter_id": "wet_dry"}
+            await alice.ok("PLUGIN_PARAMETER", {**change, "parameter_value": 0.2})  # leading
+            await alice.ok("PLUGIN_PARAMETER", {**change, "parameter_value": 0.3})  # held back
+            await asyncio.sleep(0.2)  # the trailing edge fires from a timer
+            for name in calls:
+                assert calls[name] == [["PLUGIN_PARAMETER", "PLUGIN_STATE_UPDATE"]] * 2
+            bob_only = [m for who, m in rig.log if who == "bob"]
+            assert not [m for m in bob_only if m["type"] == "PLUGIN_PARAMETER"]  # not sent twice
+
+    run(scenario())
+
+
 def test_every_request_gets_exactly_one_reply_and_the_sender_no_broadcast(
         tmp_path: Path) -> None:
     async def scenario() -> None:
