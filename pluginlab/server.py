@@ -27,8 +27,9 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .auth import AuthConfig, Authenticator, generate_secret
@@ -264,36 +265,39 @@ class _Outbox:
     (the end is queued with ``call_soon``, ahead of any I/O the loop handles next). So writes
     happen exactly in the order of the messages, across connections too, and a client that
     pipelines gets the replies to a burst of its frames in two writes instead of one each.
-    Call :meth:`end_run` before closing a connection from the server side.
+    :meth:`send_many` writes several messages to one connection at once (a member's
+    broadcasts of one change). Call :meth:`end_run` before closing a connection from the
+    server side.
+
+    Frames are built once per message text and the same bytes go to every member: a server
+    does not mask its frames and compression is off, so they are identical for everyone
+    (``websockets.broadcast`` builds them once per connection). Like ``broadcast``, nothing
+    is written to a connection that is not open or is sending a fragmented message (this
+    server never fragments).
     """
+
+    KEEP_FRAMES = 8  # the last few messages' frames (a change's relay + state update ...)
 
     def __init__(self) -> None:
         self._ws: ServerConnection | None = None  # the connection of the current run
         self._held: list[str] = []  # its messages after the first
         self._end_scheduled = False
+        self._frames: list[tuple[str, bytes]] = []
 
     def send(self, ws: ServerConnection, text: str) -> None:
         if ws is self._ws:
             self._held.append(text)
             return
-        self.end_run()
-        self._ws = ws
-        if not self._end_scheduled:
-            self._end_scheduled = True
-            asyncio.get_running_loop().call_soon(self._step_over)
-        broadcast([ws], text)
+        self._start_run(ws)
+        self._write(ws, [text])
 
     def send_many(self, ws: ServerConnection, texts: list[str]) -> None:
         """Several messages to one connection: written together at once (one write)."""
         if ws is self._ws:
             self._held.extend(texts)
             return
-        self.end_run()
-        self._ws = ws  # later messages to ws join this run
-        if not self._end_scheduled:
-            self._end_scheduled = True
-            asyncio.get_running_loop().call_soon(self._step_over)
-        _write_text_frames(ws, texts)
+        self._start_run(ws)
+        self._write(ws, texts)
 
     def end_run(self) -> None:
         """Write the held messages of the current run now."""
@@ -302,26 +306,37 @@ class _Outbox:
         if held:
             self._held = []
             assert ws is not None
-            _write_text_frames(ws, held)
+            self._write(ws, held)
+
+    def _start_run(self, ws: ServerConnection) -> None:
+        self.end_run()
+        self._ws = ws  # later messages to ws join this run
+        if not self._end_scheduled:
+            self._end_scheduled = True
+            asyncio.get_running_loop().call_soon(self._step_over)
 
     def _step_over(self) -> None:
         self._end_scheduled = False
         self.end_run()
 
+    def _write(self, ws: ServerConnection, texts: list[str]) -> None:
+        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+            return
+        try:
+            ws.transport.writelines([self._frame(text) for text in texts])
+        except Exception:  # like broadcast: a failing connection never breaks the sender
+            log.warning("skipped %d message(s) to a failing connection", len(texts),
+                        exc_info=True)
 
-def _write_text_frames(ws: ServerConnection, texts: list[str]) -> None:
-    """``broadcast([ws], text)`` for each text, in a single transport write: the frames are
-    built by the connection's sans-I/O protocol, as ``broadcast`` does. Skipped unless the
-    connection is open (no fragmented sends to wait for: this server never fragments)."""
-    protocol = ws.protocol
-    if protocol.state is not State.OPEN:
-        return
-    try:
-        for text in texts:
-            protocol.send_text(text.encode())
-        ws.transport.writelines(protocol.data_to_send())
-    except Exception:  # like broadcast: a failing connection never breaks the sender
-        log.warning("skipped %d message(s) to a failing connection", len(texts), exc_info=True)
+    def _frame(self, text: str) -> bytes:
+        """The wire bytes of a text frame carrying ``text`` (remembered by identity)."""
+        for known, data in self._frames:
+            if known is text:
+                return data
+        data = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+        self._frames.insert(0, (text, data))
+        del self._frames[self.KEEP_FRAMES:]
+        return data
 
 
 class _Serializer:
