@@ -1592,6 +1592,7 @@ class ProvenanceStore(_EventReads):
         self._leading = False
         # sequencer state (under _seq_lock), (re)loaded from the tables by _load_state
         self._seq_lock = threading.Lock()
+        self._journal_closed = False
         self._seq: int = 0
         self._head: str = GENESIS_HASH
         self._last_ms: int = 0
@@ -1669,7 +1670,9 @@ class ProvenanceStore(_EventReads):
         with _OPEN_LOCK:
             if _OPEN_STORES.get(os.path.realpath(self.path)) is self:
                 del _OPEN_STORES[os.path.realpath(self.path)]
-        self._journal.close()
+        with self._seq_lock:  # appends already past the open check finish first; an event
+            self._journal_closed = True  # journaled after the indexer stopped stays in the
+            self._journal.close()  # file and is stored by the next open
         self._wconn.close()
         with self._readers_lock:
             for conn in self._all_readers:
@@ -1826,6 +1829,8 @@ class ProvenanceStore(_EventReads):
         """
         self._wait_for_backlog()
         with self._seq_lock:
+            if self._journal_closed:  # close() finished while this append was on its way
+                raise StoreClosed()
             undo = _Undo(self)
             try:
                 lines: list[str] = []

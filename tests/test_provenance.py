@@ -450,6 +450,43 @@ def test_invalid_drafts_are_refused_and_nothing_is_written(
     assert store.count() == 0
 
 
+def test_appends_racing_with_close_are_refused_or_kept(db: Path) -> None:
+    """Every append that returned an event is stored, even one journaled while close() ran;
+    the others get StoreClosed, never another error."""
+    store = ProvenanceStore(db)
+    store.append(add("rev1"))
+    acked: list[Any] = []
+    errors: list[BaseException] = []
+    go = threading.Event()
+
+    def writer(index: int) -> None:
+        go.wait()
+        for k in range(10_000):
+            try:
+                acked.append(store.append(param("rev1", "wet_dry", k / 10_000,
+                                                user=f"user{index}")))
+            except StoreClosed:
+                return
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    time.sleep(0.05)
+    store.close()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert acked
+    with ProvenanceStore(db) as again:
+        stored = {e.daid for e in again.events()}
+        assert {e.daid for e in acked} <= stored
+        assert again.verify().ok
+
+
 def test_closed_store_refuses_appends(db: Path) -> None:
     store = ProvenanceStore(db)
     store.close()
