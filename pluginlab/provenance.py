@@ -1937,7 +1937,7 @@ class ProvenanceStore(_EventReads):
             f'"entity_id":{j_entity},"entity_type":{j_type},"operation":{j_operation},'
             f'"parents":{parents_json},"seq":{seq},"session_id":{j_session},'
             f'"timestamp":"{stamp}","user_id":{j_user}}}'
-        ).encode("utf-8")).hexdigest()
+        ).encode()).hexdigest()
         lines.append(
             f'[{seq},{daid_json},"{stamp}",{j_user},{j_session},{j_action},{j_type},'
             f'{j_entity},{j_operation},{encode_basestring(details_json)},'

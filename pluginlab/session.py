@@ -578,7 +578,6 @@ class Studio:
                     if k in ("track_id", "plugin_id", "parameter_id", "position")}
             data["user_id"] = conn.user_id
             self._broadcast(self._session_of(conn), conn, "USER_CURSOR_UPDATE", data)
-        return None
 
     async def _ping(self, conn: Connection, request: Request) -> dict[str, Any]:
         return {"timestamp": now_iso()}

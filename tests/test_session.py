@@ -213,15 +213,15 @@ def test_a_members_broadcasts_of_one_change_go_out_together(tmp_path: Path) -> N
                 peer = await rig.peer(name)
                 peer.conn.send_many = lambda ms, n=name: calls[n].append([m["type"] for m in ms])
             pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t1", "name": "Reverb"}))["plugin_id"]
-            for name in calls:  # PLUGIN_ADD + its state update, together
-                assert calls[name] == [["PLUGIN_ADD", "PLUGIN_STATE_UPDATE"]]
-                calls[name].clear()
+            for got in calls.values():  # PLUGIN_ADD + its state update, together
+                assert got == [["PLUGIN_ADD", "PLUGIN_STATE_UPDATE"]]
+                got.clear()
             change = {"track_id": "t1", "plugin_id": pid, "parameter_id": "wet_dry"}
             await alice.ok("PLUGIN_PARAMETER", {**change, "parameter_value": 0.2})  # leading
             await alice.ok("PLUGIN_PARAMETER", {**change, "parameter_value": 0.3})  # held back
             await asyncio.sleep(0.2)  # the trailing edge fires from a timer
-            for name in calls:
-                assert calls[name] == [["PLUGIN_PARAMETER", "PLUGIN_STATE_UPDATE"]] * 2
+            for got in calls.values():
+                assert got == [["PLUGIN_PARAMETER", "PLUGIN_STATE_UPDATE"]] * 2
             bob_only = [m for who, m in rig.log if who == "bob"]
             assert not [m for m in bob_only if m["type"] == "PLUGIN_PARAMETER"]  # not sent twice
 
