@@ -1777,19 +1777,23 @@ class ProvenanceStore(_EventReads):
         with self._seq_lock:
             target = self._seq
         with self._index_cond:
-            self._waiting_readers += 1
-            self._index_cond.notify_all()
-            try:
-                if not self._index_cond.wait_for(
-                    lambda: self._indexed_seq >= target or self._index_error is not None
-                    or not self._indexer.is_alive(),
-                    timeout,
-                ):
-                    raise TimeoutError(f"events up to seq {target} not indexed in {timeout} s")
-                if self._indexed_seq < target:
-                    raise self._index_error or StoreClosed()
-            finally:
-                self._waiting_readers -= 1
+            if not self._wait_on_indexer(lambda: self._indexed_seq >= target, timeout):
+                raise TimeoutError(f"events up to seq {target} not indexed in {timeout} s")
+            if self._indexed_seq < target:
+                raise self._index_error or StoreClosed()
+
+    def _wait_on_indexer(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Hold ``_index_cond``: wake the indexer now (someone waits: no lingering) and wait
+        until ``done()``, an indexing error, or the indexer's end; False on timeout."""
+        self._waiting_readers += 1
+        self._index_cond.notify_all()
+        try:
+            return self._index_cond.wait_for(
+                lambda: done() or self._index_error is not None or not self._indexer.is_alive(),
+                timeout,
+            )
+        finally:
+            self._waiting_readers -= 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1871,17 +1875,8 @@ class ProvenanceStore(_EventReads):
     def _wait_for_backlog(self) -> None:
         """Back-pressure: block while the indexer is ``max_backlog`` events behind."""
         with self._index_cond:
-            if len(self._backlog) < self._max_backlog:
-                return
-            self._waiting_readers += 1
-            self._index_cond.notify_all()
-            try:
-                self._index_cond.wait_for(
-                    lambda: len(self._backlog) < self._max_backlog // 2
-                    or self._index_error is not None or not self._indexer.is_alive()
-                )
-            finally:
-                self._waiting_readers -= 1
+            if len(self._backlog) >= self._max_backlog:
+                self._wait_on_indexer(lambda: len(self._backlog) < self._max_backlog // 2)
 
     def _next_event(
         self,

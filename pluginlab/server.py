@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -39,6 +40,9 @@ from .messages import dumps, envelope
 from .session import Connection, Studio
 
 __all__ = ["PluginServer"]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 log = logging.getLogger("pluginlab.server")
 
@@ -87,7 +91,7 @@ class PluginServer:
         self.studio = studio or Studio(self.config, store=store, authenticator=authenticator)
         self._server: Server | None = None
         self.port: int | None = None
-        self._serialize = _Serializer()
+        self._serialize: _Recent[dict[str, Any], str] = _Recent(dumps, keep=4)
         self._outbox = _Outbox()
 
     @property
@@ -276,13 +280,11 @@ class _Outbox:
     server never fragments).
     """
 
-    KEEP_FRAMES = 8  # the last few messages' frames (a change's relay + state update ...)
-
     def __init__(self) -> None:
         self._ws: ServerConnection | None = None  # the connection of the current run
         self._held: list[str] = []  # its messages after the first
         self._end_scheduled = False
-        self._frames: list[tuple[str, bytes]] = []
+        self._frame: _Recent[str, bytes] = _Recent(_text_frame, keep=8)
 
     def send(self, ws: ServerConnection, text: str) -> None:
         if ws is self._ws:
@@ -328,34 +330,30 @@ class _Outbox:
             log.warning("skipped %d message(s) to a failing connection", len(texts),
                         exc_info=True)
 
-    def _frame(self, text: str) -> bytes:
-        """The wire bytes of a text frame carrying ``text`` (remembered by identity)."""
-        for known, data in self._frames:
-            if known is text:
-                return data
-        data = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
-        self._frames.insert(0, (text, data))
-        del self._frames[self.KEEP_FRAMES:]
-        return data
+
+class _Recent(Generic[K, V]):
+    """``compute(key)`` remembered for the last ``keep`` keys, by identity: a broadcast hands
+    the same message object (and so the same text) to every member, in a few interleaved
+    runs (a change's relay and state update)."""
+
+    def __init__(self, compute: Callable[[K], V], keep: int) -> None:
+        self._compute = compute
+        self._keep = keep
+        self._recent: list[tuple[K, V]] = []
+
+    def __call__(self, key: K) -> V:
+        for known, value in self._recent:
+            if known is key:
+                return value
+        value = self._compute(key)
+        self._recent.insert(0, (key, value))
+        del self._recent[self._keep:]
+        return value
 
 
-class _Serializer:
-    """``dumps`` once per message object: a broadcast hands the same dicts to every member
-    (several of them, member by member), so the last few are remembered by identity."""
-
-    KEEP = 4
-
-    def __init__(self) -> None:
-        self._recent: list[tuple[dict[str, Any], str]] = []
-
-    def __call__(self, message: dict[str, Any]) -> str:
-        for known, text in self._recent:
-            if known is message:
-                return text
-        text = dumps(message)
-        self._recent.insert(0, (message, text))
-        del self._recent[self.KEEP:]
-        return text
+def _text_frame(text: str) -> bytes:
+    """The wire bytes of an unmasked, uncompressed text frame carrying ``text``."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
 
 
 def _address(ws: ServerConnection) -> str:

@@ -24,7 +24,8 @@ import contextvars
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -696,21 +697,28 @@ class Studio:
             else:
                 relay = {"track_id": plugin.track_id, "plugin_id": plugin.id,
                          "parameters": merged, "success": True, "daid": daid}
-            current = _in_flight.get()
-            if current is not None and current.open:  # held until the request's reply
+            with self._held_together():
                 self._broadcast(session, sender, msg_type, relay)
                 self._state_update(session, sender, plugin, "updated", daid, merged)
-                return
-            group = _InFlight(None)  # a trailing edge: send both frames member by member
-            token = _in_flight.set(group)
-            try:
-                self._broadcast(session, sender, msg_type, relay)
-                self._state_update(session, sender, plugin, "updated", daid, merged)
-            finally:
-                _in_flight.reset(token)
-            self._send_held(group)
 
         session.throttle.submit(key, values, fire)
+
+    @contextmanager
+    def _held_together(self) -> Iterator[None]:
+        """Broadcasts made inside are sent member by member when it ends; inside an open wire
+        request they are already held (until its reply), so nothing changes there."""
+        current = _in_flight.get()
+        if current is not None and current.open:
+            yield
+            return
+        group = _InFlight(None)
+        token = _in_flight.set(group)
+        try:
+            yield
+        finally:
+            _in_flight.reset(token)
+            group.open = False
+            self._send_held(group)
 
     def _send_held(self, current: _InFlight) -> None:
         """Send held broadcasts member by member (each member's in the order they were made),

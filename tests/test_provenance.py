@@ -786,16 +786,27 @@ def test_a_reader_in_the_writing_process_sees_every_acknowledged_event(
         prov.ProvenanceReader(db.parent / "missing.sqlite")
 
 
+def refuse_inserts(db: Path, when: str = "") -> None:
+    """Make SQLite itself refuse new daid_events rows (all, or those matching ``when``)."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON daid_events {when} "
+                     "BEGIN SELECT RAISE(ABORT, 'no'); END")
+    conn.close()
+
+
+def allow_inserts(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    conn.close()
+
+
 def test_a_database_that_refuses_rows_loses_no_acknowledged_event(db: Path) -> None:
     """Acknowledged = journaled: if SQLite refuses to index them, reads say so (no stale
     answer), the events wait in the journal, and they are stored once it accepts them again."""
     with ProvenanceStore(db) as store:
         store.append(add("rev1"))
         store.flush()
-        with sqlite3.connect(db) as conn:
-            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON daid_events "
-                         "WHEN NEW.user_id = 'mallory' BEGIN SELECT RAISE(ABORT, 'no'); END")
-        conn.close()
+        refuse_inserts(db, "WHEN NEW.user_id = 'mallory'")
         acked = [store.append(param("rev1", "wet_dry", k / 10, user=user))
                  for k, user in enumerate(["amy", "mallory", "bob"])]
         assert [e.seq for e in acked] == [2, 3, 4]
@@ -804,9 +815,7 @@ def test_a_database_that_refuses_rows_loses_no_acknowledged_event(db: Path) -> N
         with pytest.raises(sqlite3.IntegrityError):
             prov.verify_database(db)  # any in-process read through the module waits too
         assert [r[0] for r in read_records(journal_path(str(db)))] == [2, 3, 4]
-        with sqlite3.connect(db) as conn:
-            conn.execute("DROP TRIGGER refuse")
-        conn.close()
+        allow_inserts(db)
         deadline = time.monotonic() + 10
         while True:  # the indexer retries on its own
             try:
@@ -825,14 +834,11 @@ def test_refused_while_closing_means_stored_on_the_next_open(db: Path) -> None:
     store = ProvenanceStore(db)
     store.append(add("rev1"))
     store.flush()
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON daid_events "
-                     "BEGIN SELECT RAISE(ABORT, 'no'); END")
-    conn.close()
+    refuse_inserts(db)
     acked = store.append(param("rev1", "wet_dry", 0.7))
     store.close()  # cannot index it: it stays journaled
+    allow_inserts(db)
     with sqlite3.connect(db) as conn:
-        conn.execute("DROP TRIGGER refuse")
         assert conn.execute("SELECT COUNT(*) FROM daid_events").fetchone()[0] == 1
     conn.close()
     with ProvenanceStore(db) as again:
