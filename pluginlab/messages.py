@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidMessage, UnknownMessageType
+from .jsonfast import reusable
 
 __all__ = [
     "Request",
@@ -261,9 +262,9 @@ def envelope(
     return message
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str)
+_ENCODE = reusable(json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str))
 
 
 def dumps(message: dict[str, Any]) -> str:
     """Compact strict JSON (never emits NaN/Infinity)."""
-    return _ENCODER.encode(message)
+    return _ENCODE(message)

@@ -19,6 +19,7 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from .errors import InvalidParameter
@@ -59,6 +60,14 @@ class ParameterSpec:
             raise InvalidParameter(
                 self.id, value, f"unknown choice; valid: {', '.join(self.choices)}"
             )
+        if type(value) is float and self.kind == "float":  # the common case, checked cheaply
+            if self.min <= value <= self.max:  # False for NaN
+                return value
+            if not math.isfinite(value):
+                raise InvalidParameter(
+                    self.id, value, f"value must be a finite number in {self._range()}"
+                )
+            raise InvalidParameter(self.id, value, f"out of range {self._range()}")
         if isinstance(value, bool):
             if self.kind != "bool":
                 raise InvalidParameter(
@@ -96,9 +105,10 @@ class ParameterSpec:
         if self.kind == "int":
             text = str(int(round(value)))
         else:
-            text = f"{value:.{self._decimals()}f}"
+            text = f"{value:.{self._decimals}f}"
         return f"{text} {self.unit}".rstrip() if self.unit else text
 
+    @cached_property
     def _decimals(self) -> int:
         if not self.step or self.step <= 0:
             return 2

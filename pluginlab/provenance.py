@@ -78,10 +78,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, Self, cast
+from typing import Any, NamedTuple, Self, cast
 
 from .errors import ErrorCode, PluginlabError
 from .journal import Journal, JournalBusy, journal_in_use, journal_path, read_records
+from .jsonfast import reusable
 
 __all__ = [
     "ACTIONS",
@@ -213,9 +214,9 @@ class StoreClosed(PluginlabError, RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Canonical JSON, escaping, timestamps
 
-_canonical_encoder = json.JSONEncoder(
+_canonical_encode = reusable(json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-)
+))
 
 
 def canonical_json(obj: Any) -> str:
@@ -223,7 +224,7 @@ def canonical_json(obj: Any) -> str:
 
     NaN and infinities are refused (``ValueError``): they are not JSON.
     """
-    return _canonical_encoder.encode(obj)
+    return _canonical_encode(obj)
 
 
 def _jstr(value: str | None) -> str:
@@ -426,12 +427,12 @@ def _names(values: Iterable[str]) -> str:
 # Events
 
 
-@dataclass(frozen=True)
-class EventDraft:
+class EventDraft(NamedTuple):
     """What a caller records. ``details`` must be JSON (no NaN); see the module docs for shapes.
 
     ``plugin_id`` names the plugin whose creation DAID becomes a parent; when None the store
-    uses ``details["plugin_id"]`` if present.
+    uses ``details["plugin_id"]`` if present. Immutable (a named tuple: cheap to build, one is
+    made per recorded change).
     """
 
     user_id: str
@@ -444,9 +445,9 @@ class EventDraft:
     plugin_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Event:
-    """A stored event (``timestamp``: ISO-8601 UTC with ms and ``Z``)."""
+class Event(NamedTuple):
+    """A stored event (``timestamp``: ISO-8601 UTC with ms and ``Z``). Immutable (a named
+    tuple, like :class:`EventDraft`)."""
 
     seq: int
     daid: str
@@ -1188,7 +1189,10 @@ def _row_to_event(row: Sequence[Any]) -> Event:
     )
 
 
-@dataclass
+_Journaled = tuple[Event, str, str]  # an event with its details and parents JSON
+
+
+@dataclass(slots=True)
 class _Prepared:
     draft: EventDraft
     details: dict[str, Any]
@@ -1522,8 +1526,13 @@ class _Undo:
 
     def __init__(self, store: ProvenanceStore) -> None:
         self._store = store
-        self._scalars = (store._seq, store._head, store._last_ms, set(store._ms_daids))
+        self._scalars = (store._seq, store._head, store._last_ms, store._ms_daids)
         self._entries: list[tuple[dict[Any, str], Any, Any]] = []
+        self._daids: list[tuple[set[str], str]] = []
+
+    def add_daid(self, daids: set[str], daid: str) -> None:
+        daids.add(daid)
+        self._daids.append((daids, daid))
 
     def set(self, mapping: dict[Any, str], key: Any, value: str) -> None:
         self._entries.append((mapping, key, mapping.get(key, _MISSING)))
@@ -1532,6 +1541,8 @@ class _Undo:
     def rollback(self) -> None:
         store = self._store
         store._seq, store._head, store._last_ms, store._ms_daids = self._scalars
+        for daids, daid in self._daids:
+            daids.discard(daid)
         for mapping, key, old in reversed(self._entries):
             if old is _MISSING:
                 mapping.pop(key, None)
@@ -1597,11 +1608,12 @@ class ProvenanceStore(_EventReads):
         self._head: str = GENESIS_HASH
         self._last_ms: int = 0
         self._ms_daids: set[str] = set()
+        self._stamp_ms, self._stamp, self._dashed = -1, "", ""  # see _next_event
         self._last_daid: dict[tuple[str, str, str], str] = {}
         self._plugin_created: dict[tuple[str, str], str] = {}
         # indexer state: _indexed* under _index_cond; projection maps used by that thread only
         self._index_cond = threading.Condition(threading.Lock())
-        self._backlog: list[tuple[tuple[Any, ...], Event]] = []
+        self._backlog: list[_Journaled] = []  # journaled, not yet indexed
         self._indexed_seq = 0
         self._index_error: BaseException | None = None
         self._waiting_readers = 0
@@ -1831,16 +1843,18 @@ class ProvenanceStore(_EventReads):
         All-or-nothing: if the journal write fails, the sequencer state is rolled back and
         the error raised; nothing of any group is stored.
         """
-        self._wait_for_backlog()
+        if len(self._backlog) >= self._max_backlog:  # a racy peek; checked again under lock
+            self._wait_for_backlog()
         with self._seq_lock:
             if self._journal_closed:  # close() finished while this append was on its way
                 raise StoreClosed()
             undo = _Undo(self)
             try:
                 lines: list[str] = []
-                indexed: list[tuple[tuple[Any, ...], Event]] = []
+                journaled: list[_Journaled] = []
                 results = [
-                    [self._next_event(p, lines, indexed, undo) for p in items] for items in groups
+                    [self._next_event(p, lines, journaled, undo) for p in items]
+                    for items in groups
                 ]
                 self._journal.append("".join(lines).encode("utf-8"))
             except BaseException:
@@ -1848,7 +1862,7 @@ class ProvenanceStore(_EventReads):
                 raise
             with self._index_cond:
                 idle = not self._backlog  # else the indexer is already lingering on it
-                self._backlog.extend(indexed)
+                self._backlog += journaled
                 if idle or len(self._backlog) >= self._max_batch:
                     self._index_cond.notify()
         return results
@@ -1879,17 +1893,14 @@ class ProvenanceStore(_EventReads):
                 self._wait_on_indexer(lambda: len(self._backlog) < self._max_backlog // 2)
 
     def _next_event(
-        self,
-        item: _Prepared,
-        lines: list[str],
-        indexed: list[tuple[tuple[Any, ...], Event]],
-        undo: _Undo,
+        self, item: _Prepared, lines: list[str], journaled: list[_Journaled], undo: _Undo
     ) -> Event:
+        """Sequence one prepared draft (caller holds ``_seq_lock``): its DAID, chain hash and
+        journal line. The hot path of every recorded change, hence written out flat."""
         draft = item.draft
         seq = self._seq + 1
-        session, entity_type, entity_id = draft.session_id, draft.entity_type, draft.entity_id
-        user_id, action, operation = draft.user_id, draft.action, draft.operation
-        ident = (user_id, session, action, entity_type, entity_id, operation)
+        user_id, session, action, entity_type, entity_id, operation = draft[:6]
+        ident = draft[:6]
         parts = self._parts.get(ident)
         if parts is None:
             parts = self._encode_parts(ident)
@@ -1908,23 +1919,29 @@ class ProvenanceStore(_EventReads):
             parents = (previous, created) if previous < created else (created, previous)
         parents_json = "[" + ",".join(map(encode_basestring, parents)) + "]"
         details_json = item.details_json
-        hash_input = (
+        digest = hashlib.sha256((
             f'{{"entity_id":{j_entity},"metadata":{{"action":{j_action},'
             f'"details":{details_json},"seq":{seq},"session_id":{j_session}}},'
             f'"operation":{j_operation},"parents":{parents_json}}}'
-        )
-        digest = hashlib.sha256(hash_input.encode("utf-8")).hexdigest()[:16]
-        ms = max(self._now_ms(), self._last_ms)
-        while True:
-            if ms != self._last_ms:
+        ).encode()).hexdigest()[:16]
+        ms = self._now_ms()
+        if ms != self._last_ms:
+            if ms < self._last_ms:
+                ms = self._last_ms  # the clock stepped back: timestamps never do
+            else:
                 self._ms_daids = set()
                 self._last_ms = ms
-            stamp = _iso_ms(ms)
-            daid = f"daid:{DAID_VERSION}:{stamp.replace(':', '-')}:{daid_middle}:{digest}"
+        while True:
+            if ms != self._stamp_ms:  # formatted once per millisecond
+                self._stamp_ms, self._stamp = ms, _iso_ms(ms)
+                self._dashed = self._stamp.replace(":", "-")
+            daid = f"daid:{DAID_VERSION}:{self._dashed}:{daid_middle}:{digest}"
             if daid not in self._ms_daids:
                 break
-            ms += 1  # astronomically rare: a 64-bit hash collision within one millisecond
-        self._ms_daids.add(daid)
+            ms = self._last_ms = ms + 1  # astronomically rare: a 64-bit collision in 1 ms
+            self._ms_daids = set()
+        stamp = self._stamp
+        undo.add_daid(self._ms_daids, daid)
         daid_json = encode_basestring(daid)
         prev = self._head
         chained = hashlib.sha256((
@@ -1940,9 +1957,9 @@ class ProvenanceStore(_EventReads):
         )
         event = Event(seq, daid, stamp, user_id, session, action, entity_type, entity_id,
                       operation, item.details, parents, prev, chained)
-        indexed.append(((seq, daid, stamp, user_id, session, action, entity_type, entity_id,
-                         operation, details_json, parents_json, prev, chained), event))
-        self._seq, self._head = seq, chained
+        journaled.append((event, details_json, parents_json))
+        self._seq = seq
+        self._head = chained
         undo.set(self._last_daid, key, daid)
         if creates_plugin and item.plugin_id:
             undo.set(self._plugin_created, (session, item.plugin_id), daid)
@@ -1988,7 +2005,7 @@ class ProvenanceStore(_EventReads):
             delay = INDEX_LINGER
             with self._seq_lock, self._index_cond:
                 del self._backlog[: len(work)]
-                self._indexed_seq = work[-1][1].seq
+                self._indexed_seq = work[-1][0].seq
                 self._index_error = None
                 if self._indexed_seq == self._seq:
                     self._journal.truncate()
@@ -2009,14 +2026,14 @@ class ProvenanceStore(_EventReads):
             if len(self._backlog) == seen:
                 return  # quiet
 
-    def _index(self, work: Sequence[tuple[tuple[Any, ...], Event]]) -> None:
+    def _index(self, work: Sequence[_Journaled]) -> None:
         """Write journaled events and their projection in one transaction (indexer only).
 
         Events are projected and inserted in small slices, so the pure-Python stretches that
         hold the GIL stay short (each insert releases it) and the loop thread is not delayed.
         """
         conn = self._wconn
-        first, last = work[0][1], work[-1][1]
+        first, last = work[0][0], work[-1][0]
         try:
             changes = _Changes()
             conn.execute("BEGIN IMMEDIATE")
@@ -2032,12 +2049,14 @@ class ProvenanceStore(_EventReads):
                 )
             for start in range(0, len(work), _INDEX_SLICE):
                 piece = work[start:start + _INDEX_SLICE]
-                for _row, event in piece:
+                rows = []
+                for event, details_json, parents_json in piece:
                     changes.heads[(event.session_id, event.entity_type, event.entity_id)] = (
                         event.daid)
                     if event.action in _HANDLERS:
                         self._project(event, changes)
-                conn.executemany(_INSERT_EVENT, [row for row, _event in piece])
+                    rows.append((*event[:9], details_json, parents_json, *event[11:]))
+                conn.executemany(_INSERT_EVENT, rows)
             self._write_projection(conn, changes)
             conn.execute("COMMIT")
         except BaseException:
@@ -2053,7 +2072,7 @@ class ProvenanceStore(_EventReads):
         the chain exactly, or opening fails with the journal left untouched.
         """
         records = read_records(self._journal.path)
-        work: list[tuple[tuple[Any, ...], Event]] = []
+        work: list[_Journaled] = []
         for record in records:
             if len(record) != 13 or not isinstance(record[0], int):
                 raise RuntimeError(f"{self._journal.path}: malformed record {record[:2]!r}")
@@ -2068,7 +2087,7 @@ class ProvenanceStore(_EventReads):
                     f"at seq {self._seq}; the journal was left as it is"
                 )
             self._seq, self._head = event.seq, event.chain_hash
-            work.append((row, event))
+            work.append((event, row[9], row[10]))
         for start in range(0, len(work), self._max_batch):
             self._index(work[start:start + self._max_batch])
         if work:
@@ -2246,40 +2265,50 @@ _REQUIRED_DETAILS: dict[str, tuple[str, ...]] = {
 }
 
 
+_KINDS_SEEN: set[tuple[str, str, str]] = set()  # (action, entity_type, operation) validated
+
+
 def _prepare(draft: EventDraft) -> _Prepared:
     """Validate a draft in the caller's thread; serialize its details once."""
     if not isinstance(draft, EventDraft):
         raise InvalidEvent("draft", f"expected an EventDraft, got {type(draft).__name__}")
-    for name in ("user_id", "session_id", "entity_id"):
-        value = getattr(draft, name)
-        if not isinstance(value, str) or not value:
-            raise InvalidEvent(name, "must be a non-empty string")
-    if draft.action not in ACTIONS:
-        raise InvalidEvent("action", f"unknown action {draft.action!r} (one of {_names(ACTIONS)})")
-    if draft.entity_type not in ENTITY_TYPES:
-        raise InvalidEvent(
-            "entity_type",
-            f"unknown entity type {draft.entity_type!r} (one of {_names(ENTITY_TYPES)})",
-        )
-    if draft.operation not in OPERATIONS:
-        raise InvalidEvent(
-            "operation", f"unknown operation {draft.operation!r} (one of {_names(OPERATIONS)})"
-        )
-    if not isinstance(draft.details, Mapping):
-        raise InvalidEvent("details", f"must be a dict, got {type(draft.details).__name__}")
+    user_id, session_id, action, entity_type, entity_id, operation, details, plugin_id = draft
+    if not (user_id and session_id and entity_id and type(user_id) is str
+            and type(session_id) is str and type(entity_id) is str):
+        for name in ("user_id", "session_id", "entity_id"):
+            value = getattr(draft, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidEvent(name, "must be a non-empty string")
+    if (action, entity_type, operation) not in _KINDS_SEEN:
+        if action not in ACTIONS:
+            raise InvalidEvent("action", f"unknown action {action!r} (one of {_names(ACTIONS)})")
+        if entity_type not in ENTITY_TYPES:
+            raise InvalidEvent(
+                "entity_type",
+                f"unknown entity type {entity_type!r} (one of {_names(ENTITY_TYPES)})",
+            )
+        if operation not in OPERATIONS:
+            raise InvalidEvent(
+                "operation", f"unknown operation {operation!r} (one of {_names(OPERATIONS)})"
+            )
+        _KINDS_SEEN.add((action, entity_type, operation))  # valid: one lookup next time
+    if not isinstance(details, Mapping):
+        raise InvalidEvent("details", f"must be a dict, got {type(details).__name__}")
     try:
-        details_json = canonical_json(draft.details)
-        details_json.encode("utf-8")
+        details_json = canonical_json(details)
+        if not details_json.isascii():
+            details_json.encode("utf-8")  # lone surrogates cannot be stored
     except (TypeError, ValueError) as exc:
         raise InvalidEvent("details", f"not strict JSON: {exc}") from None
-    details = dict(draft.details)  # a shallow private copy; the stored form is details_json
-    for key in _REQUIRED_DETAILS.get(draft.action, ()):
+    details = dict(details)  # a shallow private copy; the stored form is details_json
+    for key in _REQUIRED_DETAILS.get(action, ()):
         value = details.get(key)
         if not isinstance(value, str) or not value:
-            raise InvalidEvent(f"details.{key}", f"{draft.action} needs a non-empty string")
-    plugin_id = draft.plugin_id
-    if plugin_id is None and isinstance(details.get("plugin_id"), str):
-        plugin_id = details["plugin_id"]
-    if plugin_id is not None and not isinstance(plugin_id, str):
+            raise InvalidEvent(f"details.{key}", f"{action} needs a non-empty string")
+    if plugin_id is None:
+        found = details.get("plugin_id")
+        if isinstance(found, str):
+            plugin_id = found
+    elif not isinstance(plugin_id, str):
         raise InvalidEvent("plugin_id", "must be a string or None")
     return _Prepared(draft, details, details_json, plugin_id)

@@ -45,6 +45,7 @@ from .errors import (
 from .limits import SlidingWindow, Throttle
 from .messages import LEGACY_TYPES, Request, dumps, envelope, loads_strict, now_iso, parse
 from .presets import PresetLibrary
+from .provenance import EventDraft
 
 __all__ = ["Studio", "Connection", "Session"]
 
@@ -598,17 +599,12 @@ class Studio:
             raise RateLimited(name, wait)
 
     def _draft(self, conn: Connection, action: str, entity_type: str, entity_id: str,
-               operation: str, details: dict[str, Any]) -> Any:
-        from .provenance import EventDraft
-
-        return EventDraft(
-            user_id=conn.user_id or "unknown", session_id=conn.session_id or "",
-            action=action, entity_type=entity_type, entity_id=entity_id, operation=operation,
-            details=details, plugin_id=details.get("plugin_id"),
-        )
+               operation: str, details: dict[str, Any]) -> EventDraft:
+        return EventDraft(conn.user_id or "unknown", conn.session_id or "", action, entity_type,
+                          entity_id, operation, details, details.get("plugin_id"))
 
     def _param_draft(self, conn: Connection, plugin: Plugin, pid: str, value: float,
-                     previous: float | None, batch_id: str | None) -> Any:
+                     previous: float | None, batch_id: str | None) -> EventDraft:
         details: dict[str, Any] = {"track_id": plugin.track_id, "plugin_id": plugin.id,
                                    "parameter_id": pid, "value": value,
                                    "previous_value": previous}

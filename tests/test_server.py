@@ -1340,3 +1340,15 @@ def test_python_door_broadcasts_like_the_wire(tmp_path: Path) -> None:
             await studio.disconnect(widget)
 
     run(scenario())
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70001])
+def test_text_frames_are_the_bytes_websockets_would_send(size: int) -> None:
+    """The server writes frames it builds itself; they must equal websockets' own framing
+    (unmasked, final, text) at every length boundary of RFC 6455, for non-ASCII text too."""
+    from websockets.frames import Frame, Opcode
+
+    from pluginlab.server import _text_frame
+
+    text = ("é" + "x" * size)[:size] if size else ""
+    assert _text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
