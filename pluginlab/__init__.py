@@ -27,22 +27,22 @@ from .sources import Source
 from .vst import scan
 
 __all__ = [
-    "start",
-    "Lab",
-    "PluginServer",
-    "ServerConfig",
     "Client",
     "ClientError",
     "Engine",
-    "Track",
-    "Plugin",
-    "Source",
-    "ParameterSpec",
-    "PresetLibrary",
     "ErrorCode",
+    "Lab",
+    "ParameterSpec",
+    "Plugin",
+    "PluginServer",
     "PluginlabError",
+    "PresetLibrary",
+    "ServerConfig",
+    "Source",
+    "Track",
     "builtin_names",
     "scan",
+    "start",
 ]
 
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ import jwt
 
 from .errors import AuthFailed
 
-__all__ = ["AuthConfig", "Identity", "Authenticator", "PERMISSIONS", "generate_secret"]
+__all__ = ["PERMISSIONS", "AuthConfig", "Authenticator", "Identity", "generate_secret"]
 
 PERMISSIONS = ("plugin:read", "plugin:write", "plugin:add", "plugin:remove")
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")

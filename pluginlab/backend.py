@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Recipe", "TrackGraph", "Backend", "restore_fp_environment", "ProcessorInfo"]
+__all__ = ["Backend", "ProcessorInfo", "Recipe", "TrackGraph", "restore_fp_environment"]
 
 
 def restore_fp_environment() -> None:

@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -61,7 +61,7 @@ class Client:
         self.session_id: str | None = None
         self.snapshot: dict[str, Any] | None = None
 
-    async def connect(self) -> Client:
+    async def connect(self) -> Self:
         self._ws = await connect(self.url, **self._connect_kwargs)
         self._reader = asyncio.create_task(self._read())
         return self
@@ -72,7 +72,7 @@ class Client:
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -213,7 +213,7 @@ class Client:
                 else:
                     self._inbox.append(message)
                 self._arrived.set()
-        except Exception:  # connection closed or broken: waiters see `closed`
+        except Exception:  # noqa: BLE001, S110 - connection closed or broken: waiters see `closed`
             pass
         finally:
             for future in self._pending.values():

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["ServerConfig", "FLAG_ENV"]
+__all__ = ["FLAG_ENV", "ServerConfig"]
 
 FLAG_ENV = {
     "enable_new_plugin_system": "ENABLE_NEW_PLUGIN_SYSTEM",

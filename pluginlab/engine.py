@@ -51,7 +51,7 @@ from .presets import PresetLibrary, preset_key
 from .sources import Source
 from .vst import binary_specs, is_binary_path
 
-__all__ = ["Engine", "Track", "Plugin", "builtin_names"]
+__all__ = ["Engine", "Plugin", "Track", "builtin_names"]
 
 _PLUGIN_ATTRS = frozenset({"bypass"})
 

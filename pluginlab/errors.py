@@ -10,25 +10,26 @@ catches those keeps working.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
 __all__ = [
-    "ErrorCode",
-    "PluginlabError",
     "AuthFailed",
-    "Unauthorized",
+    "EngineError",
+    "ErrorCode",
+    "InternalError",
     "InvalidMessage",
-    "UnknownMessageType",
-    "TrackNotFound",
-    "PluginNotFound",
     "InvalidParameter",
-    "PluginAddFailed",
     "ParameterUpdateFailed",
+    "PluginAddFailed",
+    "PluginNotFound",
+    "PluginlabError",
     "PresetLoadFailed",
     "RateLimited",
-    "EngineError",
-    "InternalError",
+    "TrackNotFound",
+    "Unauthorized",
+    "UnknownMessageType",
 ]
 
 
@@ -186,7 +187,7 @@ class InternalError(PluginlabError, RuntimeError):
 
 def _json_safe(value: Any) -> Any:
     """Values echoed in details must survive strict JSON (no NaN/Infinity tokens)."""
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, float) and math.isnan(value) or value in (float("inf"), float("-inf")):
         return str(value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value

@@ -14,21 +14,21 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InvalidMessage, UnknownMessageType
 from .jsonfast import reusable
 
 __all__ = [
-    "Request",
-    "parse",
-    "envelope",
-    "now_iso",
-    "dumps",
     "ALIASES",
     "LEGACY_TYPES",
     "REQUEST_TYPES",
+    "Request",
+    "dumps",
+    "envelope",
+    "now_iso",
+    "parse",
 ]
 
 ALIASES = {
@@ -118,7 +118,7 @@ def now_iso() -> str:
     second, millis = divmod(time.time_ns() // 1_000_000, 1000)
     cached = _this_second
     if cached[0] != second:
-        text = datetime.fromtimestamp(second, timezone.utc).isoformat(timespec="seconds")
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
         cached = _this_second = (second, text.removesuffix("+00:00"))
     return f"{cached[1]}.{millis:03d}Z"
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from .errors import InvalidParameter
 
-__all__ = ["ParameterSpec", "ParameterKind", "snake_id", "unique_ids"]
+__all__ = ["ParameterKind", "ParameterSpec", "snake_id", "unique_ids"]
 
 ParameterKind = Literal["float", "int", "bool", "choice"]
 

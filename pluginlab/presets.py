@@ -22,7 +22,7 @@ from typing import Any
 
 from .sources import DATA_DIR
 
-__all__ = ["PresetLibrary", "Preset", "preset_key", "FACTORY_DIR", "default_user_dir"]
+__all__ = ["FACTORY_DIR", "Preset", "PresetLibrary", "default_user_dir", "preset_key"]
 
 FACTORY_DIR = DATA_DIR / "presets"
 

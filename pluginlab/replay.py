@@ -26,7 +26,7 @@ from .engine import Engine
 from .provenance import Event, ProvenanceReader, ProvenanceStore, parse_timestamp
 from .sources import Source
 
-__all__ = ["Replay", "Change", "replay", "restore_engine"]
+__all__ = ["Change", "Replay", "replay", "restore_engine"]
 
 
 @dataclass(frozen=True)

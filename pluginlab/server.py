@@ -26,7 +26,7 @@ import os
 import struct
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -103,7 +103,7 @@ class PluginServer:
         """Issue a token this server accepts (see :meth:`Authenticator.issue`)."""
         return self.auth.issue(user_id, **kwargs)
 
-    async def start(self) -> PluginServer:
+    async def start(self) -> Self:
         """Bind and start serving on the running loop (``port=0`` picks a free port)."""
         if self._server is not None:
             return self
@@ -132,7 +132,7 @@ class PluginServer:
         assert self._server is not None
         await self._server.serve_forever()
 
-    async def __aenter__(self) -> PluginServer:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

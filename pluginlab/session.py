@@ -47,7 +47,7 @@ from .messages import LEGACY_TYPES, Request, dumps, envelope, loads_strict, now_
 from .presets import PresetLibrary
 from .provenance import EventDraft
 
-__all__ = ["Studio", "Connection", "Session"]
+__all__ = ["Connection", "Session", "Studio"]
 
 log = logging.getLogger("pluginlab.session")
 
@@ -757,6 +757,6 @@ def _peek_id(frame: str | bytes) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
             return None
         return str(value)  # as parse() would have it
-    except Exception:
+    except Exception:  # noqa: BLE001 - only a best-effort id for the ERROR reply
         return None
 

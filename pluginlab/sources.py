@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Source", "SignalKind", "DATA_DIR"]
+__all__ = ["DATA_DIR", "SignalKind", "Source"]
 
 SignalKind = Literal["sine", "noise", "impulse", "sweep", "silence", "file", "array"]
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"

@@ -18,7 +18,7 @@ from typing import Any
 
 from .parameters import ParameterSpec, unique_ids
 
-__all__ = ["PluginFile", "scan", "default_dirs", "binary_specs", "is_binary_path"]
+__all__ = ["PluginFile", "binary_specs", "default_dirs", "is_binary_path", "scan"]
 
 BINARY_SUFFIXES = (".so", ".vst3", ".vst")
 
@@ -60,7 +60,7 @@ def scan(dirs: Iterable[str | os.PathLike[str]] | None = None) -> list[PluginFil
 
 def _display_name(path: Path) -> str:
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    return stem[: -len("-vst")] if stem.endswith("-vst") else stem
+    return stem.removesuffix("-vst")
 
 
 def is_binary_path(plugin_path: str | None) -> bool:

@@ -37,7 +37,7 @@ from .parameters import ParameterSpec
 if TYPE_CHECKING:
     from .lab import Lab
 
-__all__ = ["PluginPanel", "TrackPanel", "PresencePanel", "control_for"]
+__all__ = ["PluginPanel", "PresencePanel", "TrackPanel", "control_for"]
 
 _REMOTE = contextvars.ContextVar("pluginlab_widget_remote", default=False)
 # The panel whose user move is being sent (set inside that send's own task). The lab shows the
@@ -137,7 +137,7 @@ class PluginPanel:
             await self.lab.set(self.plugin, pid, value)
             self.texts[pid].value = self._text(pid)
             self.status.value = ""
-        except Exception as exc:  # shown in the panel, control put back
+        except Exception as exc:  # noqa: BLE001 - shown in the panel, control put back
             self.status.value = f"<span style='color:#b00'>{exc}</span>"
             self._show(pid, self.plugin.get(pid))
 
@@ -153,7 +153,7 @@ class PluginPanel:
             try:
                 reply = await self.lab.preset(self.plugin, "load", change["new"])
                 self.apply(reply.get("parameters") or {})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self.status.value = f"<span style='color:#b00'>{exc}</span>"
 
         self.lab.submit(load())
@@ -170,7 +170,7 @@ class PluginPanel:
                 with _remote():
                     self.presets.options = [""] + self.plugin.presets()
                 self.status.value = f"saved preset {name!r}"
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self.status.value = f"<span style='color:#b00'>{exc}</span>"
 
         self.lab.submit(save())

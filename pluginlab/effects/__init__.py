@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..parameters import ParameterKind, ParameterSpec
 
-__all__ = ["EffectSpec", "library", "find", "EFFECTS_DIR"]
+__all__ = ["EFFECTS_DIR", "EffectSpec", "find", "library"]
 
 EFFECTS_DIR = Path(__file__).resolve().parent
 
