@@ -1524,6 +1524,8 @@ def flush_open_store(path: str | os.PathLike[str]) -> None:
 class _Undo:
     """Restores a store's sequencer state when a group could not be journaled."""
 
+    __slots__ = ("_daids", "_entries", "_scalars", "_store")
+
     def __init__(self, store: ProvenanceStore) -> None:
         self._store = store
         self._scalars = (store._seq, store._head, store._last_ms, store._ms_daids)
@@ -1612,7 +1614,8 @@ class ProvenanceStore(_EventReads):
         self._last_daid: dict[tuple[str, str, str], str] = {}
         self._plugin_created: dict[tuple[str, str], str] = {}
         # indexer state: _indexed* under _index_cond; projection maps used by that thread only
-        self._index_cond = threading.Condition(threading.Lock())
+        self._index_lock = threading.Lock()  # taken directly where nobody waits or notifies
+        self._index_cond = threading.Condition(self._index_lock)
         self._backlog: list[_Journaled] = []  # journaled, not yet indexed
         self._indexed_seq = 0
         self._index_error: BaseException | None = None
@@ -1860,7 +1863,7 @@ class ProvenanceStore(_EventReads):
             except BaseException:
                 undo.rollback()
                 raise
-            with self._index_cond:
+            with self._index_lock:  # = _index_cond's lock, without the Python-level wrapper
                 idle = not self._backlog  # else the indexer is already lingering on it
                 self._backlog += journaled
                 if idle or len(self._backlog) >= self._max_batch:

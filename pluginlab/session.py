@@ -468,7 +468,7 @@ class Studio:
         applied = plugin.set(pid, value)
         drafts = ([self._param_draft(conn, plugin, pid, applied, previous, None)]
                   if self.tracking else [])  # events are built only to be recorded
-        daid = await self._record_or_undo(conn, plugin, {pid: previous}, drafts)
+        daid = await self._record(conn, drafts, plugin, {pid: previous})
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameter_id": pid,
                 "parameter_value": applied, "text": plugin.spec(pid).format(applied)
                 if plugin.kind == "builtin" else None, "success": True, "daid": daid}
@@ -488,7 +488,7 @@ class Studio:
         batch_id = f"batch_{uuid.uuid4().hex[:12]}"
         drafts = [self._param_draft(conn, plugin, pid, v, previous.get(pid), batch_id)
                   for pid, v in applied.items()] if self.tracking else []
-        daid = await self._record_or_undo(conn, plugin, previous, drafts)
+        daid = await self._record(conn, drafts, plugin, previous)
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameters": applied,
                 "success": True, "daid": daid, "batch_id": batch_id}
         self._relay(session, conn, plugin, (plugin.id, "*batch*"), applied, daid,
@@ -555,10 +555,11 @@ class Studio:
             raise InvalidMessage("preset_name or preset_data required", "preset_name")
         before = plugin.values
         values = await asyncio.to_thread(plugin.load_preset, source)
-        daid = await self._record_or_undo(conn, plugin, before, [self._draft(
+        daid = await self._record(conn, [self._draft(
             conn, "preset_load", "plugin", plugin.id, "preset_load",
             {"track_id": plugin.track_id, "plugin_id": plugin.id,
-             "preset_name": name if isinstance(source, str) else None, "parameters": values})])
+             "preset_name": name if isinstance(source, str) else None, "parameters": values})],
+            plugin, before)
         data = {**base, "preset_name": name, "parameters": values, "daid": daid}
         self._broadcast(session, conn, "PLUGIN_PRESET", data)
         self._state_update(session, conn, plugin, "preset_loaded", daid, values)
@@ -613,8 +614,14 @@ class Studio:
         return self._draft(conn, "parameter_update", "parameter", f"{plugin.id}.{pid}",
                            "update", details)
 
-    async def _record(self, conn: Connection, drafts: list[Any]) -> str | None:
-        """Append events durably; returns the last DAID (None when tracking is off)."""
+    async def _record(self, conn: Connection, drafts: list[EventDraft],
+                      plugin: Plugin | None = None,
+                      previous: dict[str, Any] | None = None) -> str | None:
+        """Append events durably; returns the last DAID (None when tracking is off).
+
+        If they cannot be recorded, ``plugin``'s parameters are put back to ``previous`` (the
+        change was applied first) and InternalError is raised.
+        """
         if not self.tracking or not drafts:
             return None
         try:
@@ -626,18 +633,11 @@ class Studio:
                 current.signal_applied()
             events = await pending
         except Exception as exc:  # the client's request was fine; our log refused it
+            if plugin is not None and previous:
+                plugin.update({k: v for k, v in previous.items() if v is not None})
             log.exception("provenance store refused %d event(s)", len(drafts))
             raise InternalError("the change could not be recorded; it was not applied") from exc
         return str(events[-1].daid)
-
-    async def _record_or_undo(self, conn: Connection, plugin: Plugin,
-                              previous: dict[str, Any], drafts: list[Any]) -> str | None:
-        try:
-            return await self._record(conn, drafts)
-        except Exception:
-            restore = {k: v for k, v in previous.items() if v is not None}
-            plugin.update(restore)
-            raise
 
     def _send(self, conn: Connection, message: dict[str, Any]) -> None:
         if not conn.closed:
@@ -719,6 +719,8 @@ class Studio:
     def _send_held(self, current: _InFlight) -> None:
         """Send held broadcasts member by member (each member's in the order they were made),
         so a transport can put one member's frames into one write."""
+        if not current.held:
+            return
         by_member: dict[Connection, list[dict[str, Any]]] = {}
         for member, message in current.held:
             by_member.setdefault(member, []).append(message)
