@@ -13,9 +13,8 @@ import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import InvalidMessage, UnknownMessageType
 from .jsonfast import reusable
@@ -97,8 +96,7 @@ _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 }
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A validated client message. ``id`` is the client's or an assigned ``legacy_...`` one."""
 
     id: str

@@ -678,8 +678,9 @@ class Studio:
 
     def _relay(self, session: Session, sender: Connection, plugin: Plugin, key: tuple[str, str],
                values: dict[str, float], daid: str | None, msg_type: str) -> None:
-        """Throttled parameter broadcast: the typed relay plus a PLUGIN_STATE_UPDATE."""
-        if not self.config.enable_session_broadcasting:
+        """Throttled parameter broadcast: the typed relay plus a PLUGIN_STATE_UPDATE. Alone in
+        the session there is nobody to tell (who joins later gets the values in the snapshot)."""
+        if not self.config.enable_session_broadcasting or len(session.members) < 2:
             return
 
         def fire(merged: dict[str, Any]) -> None:

@@ -479,6 +479,32 @@ def test_parameter_broadcasts_are_debounced_in_the_core(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_changes_made_alone_reach_a_newcomer_through_the_snapshot(tmp_path: Path) -> None:
+    """Alone in a session nothing is broadcast (nobody to tell); whoever joins later, even
+    inside the debounce window, sees the last value in AUTH_SUCCESS and gets no stale relay."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice = await rig.peer("alice")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            for i in range(1, 21):
+                await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": pid,
+                                                    "parameter_id": "wet_dry",
+                                                    "parameter_value": i / 100})
+            bob = await rig.peer("bob")
+            snapshot = bob.outbox[-1]["data"]["snapshot"]
+            assert snapshot["tracks"]["t"][0]["parameters"]["wet_dry"] == 0.2
+            rig.studio.sessions["jam"].throttle.flush()  # = every window ends
+            assert bob.received("PLUGIN_PARAMETER") == []
+            assert bob.received("PLUGIN_STATE_UPDATE") == []
+            await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": pid,
+                                                "parameter_id": "wet_dry",
+                                                "parameter_value": 0.7})
+            relays = bob.received("PLUGIN_PARAMETER")  # now there is someone: leading edge
+            assert [m["data"]["parameter_value"] for m in relays] == [0.7]
+
+    run(scenario())
+
+
 def test_engine_errors_are_reported_not_raised(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path) as rig:
