@@ -129,9 +129,16 @@ class Plugin:
         with self._engine._lock:
             return self._values[parameter_id]
 
+    def current(self, parameter_id: str) -> float | None:
+        """The current value of ``parameter_id``; None (no error) for an unknown id."""
+        with self._engine._lock:
+            return self._values.get(parameter_id)
+
     def set(self, parameter_id: str, value: Any) -> float:
         """Validate and apply one value; returns the applied value."""
-        return self.update({parameter_id: value})[parameter_id]
+        checked = self.spec(parameter_id, value).validate(value)
+        self._engine._store(self, {parameter_id: checked})
+        return checked
 
     def update(self, values: Mapping[str, Any]) -> dict[str, float]:
         """Validate every value, then apply all of them (all-or-nothing)."""
@@ -637,11 +644,15 @@ class Engine:
         if not isinstance(values, Mapping):
             raise InvalidMessage("expected a mapping of parameter id -> value", "parameters")
         checked = {pid: plugin.spec(pid, v).validate(v) for pid, v in values.items()}
+        self._store(plugin, checked)
+        return checked
+
+    def _store(self, plugin: Plugin, checked: dict[str, float]) -> None:
+        """Make validated values current (PluginNotFound if the plugin was removed)."""
         with self._lock:
             if self._plugins.get(plugin.id) is not plugin:
                 raise PluginNotFound(plugin.id, plugin.track_id)
             plugin._values.update(checked)
-        return checked
 
     def _texts(self, plugin: Plugin, ids: list[str]) -> dict[str, str]:
         specs = [plugin.spec(pid) for pid in ids]

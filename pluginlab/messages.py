@@ -14,7 +14,7 @@ import math
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .errors import InvalidMessage, UnknownMessageType
 from .jsonfast import reusable
@@ -155,6 +155,7 @@ class _StrictDecoder(json.JSONDecoder):
 
 
 _DECODER = _StrictDecoder()  # json.loads with hooks would build a decoder for every frame
+_SCAN = cast(Any, _DECODER).scan_once  # the C scanner, without decode()'s whitespace regexes
 
 
 def loads_strict(text: str | bytes) -> Any:
@@ -162,6 +163,13 @@ def loads_strict(text: str | bytes) -> Any:
     (they would become infinite), and reports depth overflow as ValueError."""
     try:
         if isinstance(text, str) and not text.startswith("\ufeff"):
+            if text[:1] == "{":  # the usual frame: one object, no surrounding whitespace
+                try:
+                    value, end = _SCAN(text, 0)
+                    if end == len(text):
+                        return value
+                except (StopIteration, ValueError):
+                    pass  # decode() below gives the error its usual message
             return _DECODER.decode(text)
         return json.loads(text, cls=_StrictDecoder)  # bytes (encoding detection), BOM error
     except RecursionError:

@@ -464,7 +464,7 @@ class Studio:
         plugin = self._plugin(session, request)
         self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second")
         pid, value = d["parameter_id"], d["parameter_value"]
-        previous = plugin.get(pid) if pid in plugin.parameters else None
+        previous = plugin.current(pid)
         applied = plugin.set(pid, value)
         drafts = ([self._param_draft(conn, plugin, pid, applied, previous, None)]
                   if self.tracking else [])  # events are built only to be recorded

@@ -156,6 +156,26 @@ def test_not_json_is_invalid(frame: str | bytes) -> None:
     assert "not valid JSON" in expect_invalid(frame).details["reason"]
 
 
+@pytest.mark.parametrize("frame", [
+    '{"type": "PING"} x', '{"type": "PING"}{"type": "PING"}', '{"type": "PING"},',
+    '{"type": "PING", }', '{"type" "PING"}',
+])
+def test_an_object_followed_or_broken_by_more_text_is_invalid(frame: str) -> None:
+    """Objects are scanned without decode()'s wrapper first; whatever that scan leaves over
+    must still make the frame invalid, with the same message decode() gives."""
+    try:
+        json.loads(frame)
+    except ValueError as exc:
+        expected = str(exc)
+    reason = expect_invalid(frame).details["reason"]
+    assert reason == f"not valid JSON: {expected}"
+
+
+@pytest.mark.parametrize("frame", ['  {"type": "PING"}', '{"type": "PING"}\n', '\t{"type":"PING"} '])
+def test_whitespace_around_an_object_is_fine(frame: str) -> None:
+    assert parse(frame).type == "PING"
+
+
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_tokens_are_invalid_json(token: str) -> None:
     frame = PARAMETER_FRAME.replace("VALUE", token)
