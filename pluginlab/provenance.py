@@ -1902,8 +1902,8 @@ class ProvenanceStore(_EventReads):
         journal line. The hot path of every recorded change, hence written out flat."""
         draft = item.draft
         seq = self._seq + 1
-        user_id, session, action, entity_type, entity_id, operation = draft[:6]
-        ident = draft[:6]
+        ident = draft[:6]  # (user_id, session_id, action, entity_type, entity_id, operation)
+        user_id, session, action, entity_type, entity_id, operation = ident
         parts = self._parts.get(ident)
         if parts is None:
             parts = self._encode_parts(ident)
