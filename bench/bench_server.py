@@ -55,6 +55,7 @@ from websockets.asyncio.client import ClientConnection, connect
 perf = time.perf_counter
 SECRET = "bench-" + secrets.token_hex(16)
 TRACK = "track_1"
+BATCH_SIZE = 4  # parameters per PLUGIN_PARAMETER_BATCH frame (row 2c)
 
 
 # ==========================================================================================
@@ -248,8 +249,12 @@ class Target:
             self.plugin_id = reply["data"]["plugin_id"]
 
     def frame(self, i: int, value: float, msg_type: str = "PLUGIN_PARAMETER") -> str:
-        data = {"track_id": TRACK, "plugin_id": self.plugin_id or "p", "parameter_id": "wet_dry",
-                "parameter_value": value}
+        data: dict[str, Any] = {"track_id": TRACK, "plugin_id": self.plugin_id or "p"}
+        if msg_type == "PLUGIN_PARAMETER_BATCH":  # BATCH_SIZE changes of the Reverb at once
+            data["parameters"] = {"wet_dry": value, "room_size": value, "damping": value,
+                                  "pre_delay": round(200 * value)}
+        else:
+            data.update(parameter_id="wet_dry", parameter_value=value)
         return json.dumps({"id": f"m{i}", "type": msg_type, "data": data})
 
     def check(self, reply: dict[str, Any], i: int) -> None:
@@ -290,10 +295,11 @@ async def sequential(target: Target, ws: ClientConnection, n: int, start: int
 
 
 # -- 2. pipelined -------------------------------------------------------------------------
-async def pipelined(target: Target, ws: ClientConnection, n: int, start: int) -> float:
+async def pipelined(target: Target, ws: ClientConnection, n: int, start: int,
+                    msg_type: str = "PLUGIN_PARAMETER") -> float:
     """Send n frames without waiting; a concurrent reader takes the n replies (so TCP buffers
     never deadlock the two directions). Rate = n / (first send -> last reply)."""
-    frames = [target.frame(start + i, alternating(start + i)) for i in range(n)]
+    frames = [target.frame(start + i, alternating(start + i), msg_type) for i in range(n)]
 
     async def reader() -> None:
         for i in range(n):
@@ -528,6 +534,17 @@ async def run(args: argparse.Namespace, tmpdir: str) -> tuple[list[Row], list[st
                         "yes" if p_lab >= 0.5 * p_raw else "NO"))
         rows.append(Row("2b. pipelined, DAID tracking OFF", fmt_rate(p_raw), fmt_rate(p_off),
                         f"{p_off / p_raw:.0%}", "(info)", "-"))
+        batch_rates: dict[str, list[float]] = {"raw": [], "lab": []}
+        n_batch = n_pipe // BATCH_SIZE
+        for _ in range(pipe_trials):
+            for key, rates in batch_rates.items():
+                rate = await pipelined(targets[key], conns[key], n_batch, counters[key],
+                                       "PLUGIN_PARAMETER_BATCH")
+                counters[key] += n_batch
+                rates.append(rate * BATCH_SIZE)
+        b_raw, b_lab = median(batch_rates["raw"]), median(batch_rates["lab"])
+        rows.append(Row(f"2c. pipelined batches of {BATCH_SIZE} (changes/s)", fmt_rate(b_raw),
+                        fmt_rate(b_lab), f"{b_lab / b_raw:.0%}", "(info)", "-"))
         c_raw, c_lab, c_off = (median(pipe_cpu[k]) for k in ("raw", "lab", "off"))
         extra.append(f"server CPU per pipelined request (all threads, during the burst; "
                      f"indexing mostly follows it): raw {c_raw:.0f} us, pluginlab {c_lab:.0f} us "
