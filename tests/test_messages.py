@@ -397,3 +397,25 @@ def test_fuzz_deep_nesting(depth: int, opener: str) -> None:
 def test_fuzz_raw_number_and_token_literals(msg_type: str, field: str, literal: str) -> None:
     check_parses_or_documented_error(
         f'{{"type": {json.dumps(msg_type)}, "data": {{"{field}": {literal}}}}}')
+
+
+def _decode_outcome(decode: Any, text: str) -> tuple[str, Any]:
+    try:
+        return "ok", decode(text)
+    except ValueError as exc:
+        return "error", str(exc)
+    except RecursionError:
+        return "error", "nesting too deep"
+
+
+@FUZZ
+@given(st.one_of(json_values.map(json.dumps), messages(), st.text(max_size=200),
+                 st.text(alphabet='{}[]":,0123456789.eE+- \ntruefalsnNI', max_size=60)
+                 .map(lambda t: "{" + t)).filter(lambda t: not t.startswith("\ufeff")))
+def test_the_object_fast_path_agrees_with_the_decoder(text: str) -> None:
+    """loads_strict scans a frame that starts with '{' directly; the outcome (value, or the
+    error message) must be what the strict decoder itself gives for every text (a leading BOM
+    takes another, documented path)."""
+    from pluginlab.messages import _DECODER, loads_strict
+
+    assert _decode_outcome(loads_strict, text) == _decode_outcome(_DECODER.decode, text)
