@@ -2,8 +2,8 @@
 
 Run on demand (not a test)::
 
-    .venv/bin/python bench/bench_server.py            # full run, ~70-100 s
-    .venv/bin/python bench/bench_server.py --quick    # ~25-35 s, fewer samples
+    .venv/bin/python bench/bench_server.py            # full run, ~50-100 s
+    .venv/bin/python bench/bench_server.py --quick    # ~20-35 s, fewer samples
     .venv/bin/python bench/bench_server.py --profile  # + cProfile of the pluginlab server (~10 s)
 
 How it measures:
