@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -145,8 +145,18 @@ class Plugin:
         return self._engine._apply(self, values)
 
     def text(self, parameter_id: str) -> str:
-        """Display text of the current value (the plugin's own text for binaries)."""
+        """Display text of the current value (the plugin's own text for binaries).
+
+        For a binary this waits for the engine's owner thread (behind any render in progress);
+        on an event loop use :meth:`text_async`.
+        """
         return self._engine._texts(self, [parameter_id])[parameter_id]
+
+    async def texts_async(self, parameter_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Display texts of ``parameter_ids`` (default: all) by id, like :meth:`text`, without
+        blocking the event loop while the owner thread is busy (e.g. rendering)."""
+        ids = list(self._specs) if parameter_ids is None else list(parameter_ids)
+        return await self._engine._texts_async(self, ids)
 
     def parameter_info(self) -> list[dict[str, Any]]:
         """The protocol's ``parameter_info`` list (id, name, min, max, default, value, unit, text)."""
@@ -655,10 +665,21 @@ class Engine:
             plugin._values.update(checked)
 
     def _texts(self, plugin: Plugin, ids: list[str]) -> dict[str, str]:
+        read = self._text_reader(plugin, ids)
+        return read() if plugin.kind == "builtin" else self._owner.call(read)
+
+    async def _texts_async(self, plugin: Plugin, ids: list[str]) -> dict[str, str]:
+        read = self._text_reader(plugin, ids)
+        return read() if plugin.kind == "builtin" else await self._owner.run(read)
+
+    def _text_reader(self, plugin: Plugin, ids: list[str]) -> Callable[[], dict[str, str]]:
+        """A function giving the display texts of the current values of ``ids``: formatted
+        from the spec for a built-in, the plugin's own text for a binary (which must then run
+        on the owner thread). Unknown ids raise InvalidParameter here, in the caller."""
         specs = [plugin.spec(pid) for pid in ids]
         values = plugin.values
         if plugin.kind == "builtin":
-            return {s.id: s.format(values[s.id]) for s in specs}
+            return lambda: {s.id: s.format(values[s.id]) for s in specs}
 
         def read() -> dict[str, str]:
             backend = self._backend(self.sample_rate, self.block_size)
@@ -669,7 +690,7 @@ class Engine:
                 texts[s.id] = f"{text} {s.unit}".strip() if s.unit and s.unit not in text else text
             return texts
 
-        return self._owner.call(read)
+        return read
 
     def _render_plan(
         self, seconds: float, track_id: str | None, sample_rate: int | None, block_size: int | None

@@ -23,6 +23,7 @@ Binding rules (two-way, no echo loops, no lost updates):
 from __future__ import annotations
 
 import contextvars
+import html
 import io
 import math
 from collections.abc import Callable
@@ -69,6 +70,10 @@ def control_for(spec: ParameterSpec, value: float) -> w.ValueWidget:
                          readout_format=f".{decimals}f", continuous_update=True)
 
 
+def _code(text: str) -> str:
+    return f"<code>{html.escape(text)}</code>"
+
+
 def _on_step(value: float, lo: float, step: float) -> float:
     if step <= 0:
         return value
@@ -84,7 +89,12 @@ class PluginPanel:
         values = plugin.values
         self.controls: dict[str, w.ValueWidget] = {
             pid: control_for(spec, values[pid]) for pid, spec in plugin.parameters.items()}
-        self.texts = {pid: w.HTML(self._text(pid)) for pid in self.controls}
+        self.texts = {pid: w.HTML(_code(self._placeholder(pid))) for pid in self.controls}
+        self._stale_texts: set[str] = set()  # a binary's texts to read from the plugin
+        self._text_reader: Any = None  # the task reading them, while it runs
+        self._closed = False
+        for pid in self.controls:
+            self._refresh_text(pid)
         self.editing = {pid: w.HTML("") for pid in self.controls}
         self.bypass = w.ToggleButton(value=plugin.bypass, description="bypass", icon="power-off")
         self.presets = w.Dropdown(options=[""] + plugin.presets(), description="preset")
@@ -111,6 +121,7 @@ class PluginPanel:
 
     def close(self) -> None:
         """Disconnect every observer and listener, close the widgets."""
+        self._closed = True
         for widget, handler, name in self._observers:
             widget.unobserve(handler, names=name)
         self._observers.clear()
@@ -135,7 +146,7 @@ class PluginPanel:
         _ORIGIN.set(self)  # this task's context only (see _on_message)
         try:
             await self.lab.set(self.plugin, pid, value)
-            self.texts[pid].value = self._text(pid)
+            self._refresh_text(pid)
             self.status.value = ""
         except Exception as exc:  # noqa: BLE001 - shown in the panel, control put back
             self.status.value = f"<span style='color:#b00'>{exc}</span>"
@@ -192,7 +203,7 @@ class PluginPanel:
                 control.value = int(round(value))
             else:
                 control.value = _on_step(value, spec.min, float(control.step))
-        self.texts[pid].value = self._text(pid)
+        self._refresh_text(pid)
 
     def _on_message(self, message: dict[str, Any]) -> None:
         data = message.get("data") or {}
@@ -213,9 +224,37 @@ class PluginPanel:
             for pid, label in self.editing.items():
                 label.value = f"<i>✎ {user}</i>" if pid == data.get("parameter_id") else ""
 
-    def _text(self, pid: str) -> str:
-        return f"<code>{self.plugin.text(pid)}</code>" if self.plugin.kind == "builtin" else (
-            f"<code>{self.plugin.get(pid):.3f}</code>")
+    def _placeholder(self, pid: str) -> str:
+        """What a parameter's text shows before a binary's own text arrives."""
+        if self.plugin.kind == "builtin":
+            return self.plugin.text(pid)
+        return f"{self.plugin.get(pid):.3f}"
+
+    def _refresh_text(self, pid: str) -> None:
+        """Show the display text of ``pid``'s current value.
+
+        A built-in's is formatted here. A binary's own text ("2.4 s") needs the engine's owner
+        thread, which may be rendering: it is read in the background, several parameters in
+        one owner call, and the label keeps its previous text until then (the loop never waits).
+        """
+        if self.plugin.kind == "builtin":
+            self.texts[pid].value = _code(self.plugin.text(pid))
+            return
+        self._stale_texts.add(pid)
+        if self._text_reader is None:
+            self._text_reader = self.lab.submit(self._read_texts())
+
+    async def _read_texts(self) -> None:
+        try:
+            while self._stale_texts and not self._closed:
+                ids, self._stale_texts = sorted(self._stale_texts), set()
+                texts = await self.plugin.texts_async(ids)
+                for pid, text in texts.items():
+                    self.texts[pid].value = _code(text)
+        except Exception as exc:  # noqa: BLE001 - e.g. the plugin was removed: shown, not raised
+            self.status.value = f"<span style='color:#b00'>{exc}</span>"
+        finally:
+            self._text_reader = None
 
 
 class TrackPanel:

@@ -10,6 +10,7 @@ back what the kernel would show. Each test runs one ``async def scenario()`` und
 from __future__ import annotations
 
 import asyncio
+import html
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -215,6 +216,40 @@ def test_client_change_moves_the_slider_without_echo(tmp_path: Path) -> None:
                 events = lab.store.events("nb", action="parameter_update")
                 assert [(e.user_id, e.details["parameter_id"]) for e in events] == [
                     ("notebook", "wet_dry"), ("colleague", "room_size")]
+            panel.close()
+
+    run(scenario())
+
+
+def test_binary_plugin_panel_shows_the_plugins_own_text(tmp_path: Path, vst_path: str) -> None:
+    """A VST's labels show its own display text ("2.4 s"), read off the loop, also while a
+    render holds the engine's owner thread, for the panel's own moves and a client's."""
+    if "Dragonfly" not in vst_path:
+        pytest.skip("this check uses Dragonfly parameters: apt-get install dragonfly-reverb-vst")
+
+    def seconds(panel: PluginPanel) -> float | None:
+        text = panel.texts["decay"].value.removeprefix("<code>").removesuffix("</code>")
+        return float(text[:-2]) if text.endswith(" s") else None
+
+    async def scenario() -> None:
+        async with running_lab(tmp_path) as lab:
+            vst = await lab.add_plugin("drums", "Dragonfly", vst_path)
+            await lab.update(vst, {"decay": 0.2})
+            panel = lab.panel(vst)
+            await eventually(lambda: seconds(panel) is not None)
+            short = seconds(panel)
+            assert panel.texts["decay"].value == f"<code>{html.escape(vst.text('decay'))}</code>"
+
+            lab.set_source("drums", Source.noise(20.0))
+            render = asyncio.ensure_future(lab.engine.render_async(20.0))
+            panel.controls["decay"].value = 0.8  # while the owner thread renders
+            await eventually(lambda: (seconds(panel) or 0) > 2 * short, timeout=30)
+            long = seconds(panel)
+            async with colleague(lab) as client:
+                await client.set_parameter("drums", vst.id, "decay", 0.4)
+                await eventually(lambda: short < (seconds(panel) or 0) < long)
+            await render
+            assert panel.texts["decay"].value == f"<code>{html.escape(vst.text('decay'))}</code>"
             panel.close()
 
     run(scenario())
