@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -329,6 +329,7 @@ class Engine:
         self._tracks: dict[str, Track] = {}
         self._plugins: dict[str, Plugin] = {}
         self._reserved: set[str] = set()
+        self._retired: set[str] = set()  # ids of removed plugins: never assigned again
         self._backends: dict[tuple[int, int], Backend] = {}
         self._ids = itertools.count(1)
         self._owner = owner()
@@ -441,6 +442,7 @@ class Engine:
             plugin = self.plugin(plugin_id, track_id)
             self._tracks[plugin.track_id]._chain.remove(plugin)
             del self._plugins[plugin_id]
+            self._retired.add(plugin_id)
         for backend in self._backends_snapshot():
             self._owner.call(backend.remove, plugin.recipe.uid)
         return plugin
@@ -555,6 +557,13 @@ class Engine:
             )
         return Recipe(uid, "faust", code=spec.code), spec, None, "builtin", None
 
+    def retire_ids(self, plugin_ids: Iterable[str]) -> None:
+        """Never assign these ids to new plugins (ids of plugins that existed before, e.g. in
+        a session restored from its log): a late message for an old plugin must not reach a
+        new one. A caller may still choose such an id explicitly."""
+        with self._lock:
+            self._retired.update(plugin_ids)
+
     def _reserve_id(self, plugin_id: str | None) -> str:
         if plugin_id is not None and not isinstance(plugin_id, str):
             raise InvalidMessage("must be a string", "plugin_id")
@@ -564,8 +573,9 @@ class Engine:
                     raise InvalidMessage("already exists", "plugin_id")
                 pid = plugin_id
             else:
+                taken = (self._plugins, self._reserved, self._retired)
                 n = len(self._plugins) + len(self._reserved) + 1
-                while f"plugin_{n}" in self._plugins or f"plugin_{n}" in self._reserved:
+                while any(f"plugin_{n}" in ids for ids in taken):
                     n += 1
                 pid = f"plugin_{n}"
             self._reserved.add(pid)

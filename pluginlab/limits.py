@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["SlidingWindow", "Throttle"]
@@ -44,43 +46,91 @@ class Throttle:
 
     ``submit(key, values, fire)``: ``values`` (a dict) is merged into the pending values of the
     key; ``fire(merged_values)`` is the most recent callback. Must be used on one event loop.
+
+    Keys are tuples whose first item names a group (a plugin); values are keyed by what they
+    set (a parameter id). Several keys of a group may carry the same value name (a parameter
+    sent alone and in a batch); what leaves never overtakes a newer value: whenever values
+    leave (a leading or trailing edge, or :meth:`supersede` for a message sent unthrottled),
+    the group's older pending values of the same names are dropped, and a pending entry left
+    empty fires nothing.
     """
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
-        self._pending: dict[Hashable, tuple[dict[str, Any], Callable[[dict[str, Any]], None]]] = {}
+        self._timers: dict[tuple[Hashable, ...], asyncio.TimerHandle] = {}
+        self._pending: dict[tuple[Hashable, ...], _Pending] = {}
+        self._clock = itertools.count(1)  # submission order
 
-    def submit(self, key: Hashable, values: dict[str, Any],
+    def submit(self, key: tuple[Hashable, ...], values: dict[str, Any],
                fire: Callable[[dict[str, Any]], None]) -> None:
         if self.window <= 0:
             fire(dict(values))
             return
+        stamp = next(self._clock)
         if key in self._timers:
-            merged = dict(self._pending[key][0]) if key in self._pending else {}
-            merged.update(values)
-            self._pending[key] = (merged, fire)
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = _Pending({}, {}, fire)
+            pending.fire = fire
+            for name, value in values.items():
+                pending.values[name] = value
+                pending.stamps[name] = stamp
             return
+        self._drop_older(key, dict.fromkeys(values, stamp))
         fire(dict(values))
         self._open(key)
 
-    def _open(self, key: Hashable) -> None:
+    def supersede(self, group: Hashable, names: Iterable[str] | None = None) -> None:
+        """Values of ``names`` (None: all) in ``group`` are being sent unthrottled now: drop
+        the pending ones, which are older."""
+        stamp = next(self._clock)
+        for key, pending in list(self._pending.items()):
+            if key[0] == group:
+                self._drop(key, pending, dict.fromkeys(
+                    pending.values if names is None else names, stamp))
+
+    def _drop_older(self, sent_key: tuple[Hashable, ...], sent: dict[str, int]) -> None:
+        for key, pending in list(self._pending.items()):
+            if key[0] == sent_key[0] and key != sent_key:
+                self._drop(key, pending, sent)
+
+    def _drop(self, key: tuple[Hashable, ...], pending: _Pending, sent: dict[str, int]) -> None:
+        for name, stamp in sent.items():
+            if pending.stamps.get(name, stamp) < stamp:
+                del pending.values[name], pending.stamps[name]
+        if not pending.values:
+            del self._pending[key]
+
+    def _open(self, key: tuple[Hashable, ...]) -> None:
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(self.window, self._window_end, key)
 
-    def _window_end(self, key: Hashable) -> None:
+    def _window_end(self, key: tuple[Hashable, ...]) -> None:
         self._timers.pop(key, None)
         pending = self._pending.pop(key, None)
         if pending is not None:
-            values, fire = pending
-            fire(values)
+            self._drop_older(key, pending.stamps)
+            pending.fire(pending.values)
             self._open(key)
 
     def flush(self) -> None:
-        """Fire every pending trailing edge now and cancel the timers (shutdown)."""
+        """Fire every pending trailing edge now, oldest first, and cancel the timers
+        (shutdown)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        pending, self._pending = self._pending, {}
-        for values, fire in pending.values():
-            fire(values)
+        while self._pending:
+            key = min(self._pending, key=lambda k: max(self._pending[k].stamps.values()))
+            pending = self._pending.pop(key)
+            self._drop_older(key, pending.stamps)
+            pending.fire(pending.values)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A key's merged values waiting for the end of its window, with each value's
+    submission stamp, and the callback that sends them."""
+
+    values: dict[str, Any]
+    stamps: dict[str, int]
+    fire: Callable[[dict[str, Any]], None]

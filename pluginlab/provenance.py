@@ -1783,6 +1783,12 @@ class ProvenanceStore(_EventReads):
         gains nothing by pipelining requests around it."""
         return self._writer is not None
 
+    def plugin_ids(self, session_id: str) -> set[str]:
+        """Every plugin id ever created in ``session_id``, removed ones included (from memory:
+        appended events count at once)."""
+        with self._seq_lock:
+            return {pid for sid, pid in self._plugin_created if sid == session_id}
+
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until every event appended so far is in the SQLite tables.
 

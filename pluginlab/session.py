@@ -13,7 +13,8 @@ broadcasts. Contracts:
 * Every accepted change is applied to the session's engine, recorded (durably) in the
   provenance store, and only then acknowledged. If recording fails the change is undone.
 * Parameter broadcasts to other clients are throttled per (plugin, parameter): leading edge
-  at once, the last value always delivered at the end of the window.
+  at once, the last value always delivered at the end of the window, and never an older
+  value after a newer one (a batch or a preset load sent meanwhile).
 * Objects belong to a session; other sessions' objects do not exist for a client.
 """
 
@@ -374,6 +375,7 @@ class Studio:
                     state = self.store.session_state(session_id)
                     if state:
                         await asyncio.to_thread(engine.restore, state)
+                    engine.retire_ids(self.store.plugin_ids(session_id))
                 session = Session(session_id, engine, Throttle(self._window()))
                 self.sessions[session_id] = session
             return session
@@ -454,6 +456,7 @@ class Studio:
             raise
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "success": True,
                 "daid": daid}
+        session.throttle.supersede(plugin.id)
         self._broadcast(session, conn, "PLUGIN_REMOVE", data)
         self._state_update(session, conn, plugin, "removed", daid, None)
         return data
@@ -491,7 +494,7 @@ class Studio:
         daid = await self._record(conn, drafts, plugin, previous)
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "parameters": applied,
                 "success": True, "daid": daid, "batch_id": batch_id}
-        self._relay(session, conn, plugin, (plugin.id, "*batch*"), applied, daid,
+        self._relay(session, conn, plugin, (plugin.id, "*batch*", conn.id), applied, daid,
                     "PLUGIN_PARAMETER_BATCH")
         return data
 
@@ -561,6 +564,7 @@ class Studio:
              "preset_name": name if isinstance(source, str) else None, "parameters": values})],
             plugin, before)
         data = {**base, "preset_name": name, "parameters": values, "daid": daid}
+        session.throttle.supersede(plugin.id, values)
         self._broadcast(session, conn, "PLUGIN_PRESET", data)
         self._state_update(session, conn, plugin, "preset_loaded", daid, values)
         return data
@@ -676,15 +680,19 @@ class Studio:
             data["parameters"] = parameters
         self._broadcast(session, sender, "PLUGIN_STATE_UPDATE", data)
 
-    def _relay(self, session: Session, sender: Connection, plugin: Plugin, key: tuple[str, str],
+    def _relay(self, session: Session, sender: Connection, plugin: Plugin, key: tuple[str, ...],
                values: dict[str, float], daid: str | None, msg_type: str) -> None:
         """Throttled parameter broadcast: the typed relay plus a PLUGIN_STATE_UPDATE. Alone in
-        the session there is nobody to tell (who joins later gets the values in the snapshot)."""
+        the session there is nobody to tell (who joins later gets the values in the snapshot).
+
+        ``key`` starts with the plugin id (the throttle's group: no older value of a parameter
+        leaves after a newer one). A batch key also names its sender: a merged batch goes to
+        everyone but its sender, so batches of different senders are never merged."""
         if not self.config.enable_session_broadcasting or len(session.members) < 2:
             return
 
         def fire(merged: dict[str, Any]) -> None:
-            if plugin.id not in session.engine.plugins:
+            if session.engine.plugins.get(plugin.id) is not plugin:  # removed meanwhile
                 return
             if msg_type == "PLUGIN_PARAMETER":
                 (pid, value), = merged.items()

@@ -107,7 +107,7 @@ def test_leading_edge_fires_at_once() -> None:
     async def scenario() -> None:
         throttle = Throttle(60.0)  # a window far longer than the test
         rec = Recorder()
-        throttle.submit("k", {"x": 1}, rec)
+        throttle.submit(("p", "k"), {"x": 1}, rec)
         assert rec.fired == [{"x": 1}]  # synchronously, no waiting for the window
         throttle.flush()
 
@@ -119,14 +119,14 @@ def test_burst_is_coalesced_and_the_last_value_is_delivered() -> None:
         throttle = Throttle(0.05)
         rec = Recorder()
         for i in range(200):
-            throttle.submit("k", {"x": i}, rec)
+            throttle.submit(("p", "k"), {"x": i}, rec)
         assert rec.fired == [{"x": 0}]
         while len(rec.fired) < 2:
             await asyncio.sleep(0.01)
         assert rec.fired == [{"x": 0}, {"x": 199}]
         await asyncio.sleep(0.15)  # the trailing edge reopened a window, which ends quietly
         assert rec.fired == [{"x": 0}, {"x": 199}]
-        throttle.submit("k", {"x": 500}, rec)  # quiet again: leading edge
+        throttle.submit(("p", "k"), {"x": 500}, rec)  # quiet again: leading edge
         assert rec.fired[-1] == {"x": 500}
         throttle.flush()
 
@@ -137,9 +137,9 @@ def test_pending_values_are_merged_per_key() -> None:
     async def scenario() -> None:
         throttle = Throttle(60.0)
         rec = Recorder()
-        throttle.submit("k", {"a": 1}, rec)
-        throttle.submit("k", {"b": 2}, rec)
-        throttle.submit("k", {"a": 3}, rec)
+        throttle.submit(("p", "k"), {"a": 1}, rec)
+        throttle.submit(("p", "k"), {"b": 2}, rec)
+        throttle.submit(("p", "k"), {"a": 3}, rec)
         throttle.flush()
         assert rec.fired == [{"a": 1}, {"a": 3, "b": 2}]
 
@@ -166,8 +166,8 @@ def test_the_latest_callback_is_used_for_the_trailing_edge() -> None:
     async def scenario() -> None:
         throttle = Throttle(60.0)
         first, second = Recorder(), Recorder()
-        throttle.submit("k", {"x": 1}, first)
-        throttle.submit("k", {"x": 2}, second)
+        throttle.submit(("p", "k"), {"x": 1}, first)
+        throttle.submit(("p", "k"), {"x": 2}, second)
         throttle.flush()
         assert first.fired == [{"x": 1}] and second.fired == [{"x": 2}]
 
@@ -178,11 +178,11 @@ def test_flush_without_pending_values_fires_nothing_and_cancels_timers() -> None
     async def scenario() -> None:
         throttle = Throttle(0.02)
         rec = Recorder()
-        throttle.submit("k", {"x": 1}, rec)
+        throttle.submit(("p", "k"), {"x": 1}, rec)
         throttle.flush()
         await asyncio.sleep(0.08)
         assert rec.fired == [{"x": 1}]
-        throttle.submit("k", {"x": 2}, rec)  # window closed by flush: leading edge
+        throttle.submit(("p", "k"), {"x": 2}, rec)  # window closed by flush: leading edge
         assert rec.fired == [{"x": 1}, {"x": 2}]
         throttle.flush()
 
@@ -194,7 +194,7 @@ def test_zero_window_fires_every_submission() -> None:
         throttle = Throttle(0)
         rec = Recorder()
         for i in range(10):
-            throttle.submit("k", {"x": i}, rec)
+            throttle.submit(("p", "k"), {"x": i}, rec)
         assert rec.fired == [{"x": i} for i in range(10)]
 
     run(scenario())
@@ -205,9 +205,61 @@ def test_fired_values_are_copies() -> None:
         throttle = Throttle(60.0)
         rec = Recorder()
         values = {"x": 1}
-        throttle.submit("k", values, rec)
+        throttle.submit(("p", "k"), values, rec)
         values["x"] = 2
         assert rec.fired == [{"x": 1}]
         throttle.flush()
+
+    run(scenario())
+
+
+def test_a_value_sent_drops_the_groups_older_pending_values_of_that_name() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        single, batch = Recorder(), Recorder()
+        throttle.submit(("p", "x"), {"x": 1}, single)  # leading edge
+        throttle.submit(("p", "x"), {"x": 2}, single)  # pending
+        throttle.submit(("p", "batch"), {"x": 3, "y": 4}, batch)  # leading edge: newer x
+        throttle.submit(("q", "x"), {"x": 5}, single)  # another group is left alone
+        throttle.flush()
+        assert single.fired == [{"x": 1}, {"x": 5}]  # the pending x=2 was dropped
+        assert batch.fired == [{"x": 3, "y": 4}]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("first_window", ["batch", "x"])
+def test_a_trailing_edge_never_brings_back_an_older_value(first_window: str) -> None:
+    async def scenario() -> None:
+        throttle = Throttle(0.05)
+        fired: list[tuple[str, dict[str, Any]]] = []
+        for name in sorted(("batch", "x"), key=lambda n: n != first_window):  # windows open
+            throttle.submit(("p", name), {"x": 0}, lambda v, n=name: fired.append((n, v)))
+        throttle.submit(("p", "batch"), {"x": 1, "y": 1}, lambda v: fired.append(("batch", v)))
+        throttle.submit(("p", "x"), {"x": 2}, lambda v: fired.append(("x", v)))  # newest x
+        await asyncio.sleep(0.2)  # both windows end
+        xs = [values["x"] for _, values in fired if "x" in values]
+        assert xs == sorted(xs) and xs[-1] == 2  # x values leave in submission order
+        assert [values.get("y") for _, values in fired if "y" in values] == [1]
+        throttle.flush()
+
+    run(scenario())
+
+
+def test_supersede_drops_pending_values_of_a_group() -> None:
+    async def scenario() -> None:
+        throttle = Throttle(60.0)
+        rec = Recorder()
+        for key in (("p", "x"), ("p", "y"), ("q", "x")):
+            throttle.submit(key, {key[1]: 1}, rec)
+            throttle.submit(key, {key[1]: 2}, rec)
+        throttle.supersede("p", ["x"])  # e.g. a preset load setting x
+        throttle.flush()
+        assert rec.fired[3:] == [{"y": 2}, {"x": 2}]
+        throttle.submit(("p", "y"), {"y": 3}, rec)
+        throttle.submit(("p", "y"), {"y": 4}, rec)
+        throttle.supersede("p")  # e.g. the plugin was removed
+        throttle.flush()
+        assert rec.fired[-1] == {"y": 3}
 
     run(scenario())

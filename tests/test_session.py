@@ -355,6 +355,9 @@ class FailingStore:
     def session_state(self, session_id: str) -> dict[str, Any]:
         return {}
 
+    def plugin_ids(self, session_id: str) -> set[str]:
+        return set()
+
     async def append_many_async(self, drafts: list[Any]) -> list[Any]:
         if self.fail:
             raise OSError("disk full")
@@ -475,6 +478,116 @@ def test_parameter_broadcasts_are_debounced_in_the_core(tmp_path: Path) -> None:
             updates = [m["data"] for m in bob.received("PLUGIN_STATE_UPDATE")
                        if m["data"]["state"] == "updated"]
             assert [u["parameters"] for u in updates] == [{"wet_dry": 0.01}, {"wet_dry": 0.5}]
+
+    run(scenario())
+
+
+def _last_seen(peer: Peer, pid: str, parameter: str) -> Any:
+    """The value of ``parameter`` a member ends up showing: the last broadcast carrying it."""
+    seen = None
+    for m in peer.outbox:
+        data = m.get("data") or {}
+        if data.get("plugin_id") != pid:
+            continue
+        if m["type"] == "PLUGIN_PARAMETER" and data.get("parameter_id") == parameter:
+            seen = data["parameter_value"]
+        elif parameter in (data.get("parameters") or {}):
+            seen = data["parameters"][parameter]
+    return seen
+
+
+def test_a_held_value_never_arrives_after_a_newer_one(tmp_path: Path) -> None:
+    """The trailing edge of a debounce window must not overwrite what a preset load or a batch
+    sent meanwhile: every member ends on the server's value."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            target = {"track_id": "t", "plugin_id": pid}
+
+            async def single(value: float) -> None:
+                await alice.ok("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                    "parameter_value": value})
+
+            # a held single change, then a preset load (sent at once) with another value
+            await single(0.1)
+            await single(0.2)  # held until the window ends
+            await alice.ok("PLUGIN_PRESET", {**target, "action": "load",
+                                             "preset_data": {"wet_dry": 0.9}})
+            rig.studio.sessions["jam"].throttle.flush()  # = every window ends
+            assert _last_seen(bob, pid, "wet_dry") == 0.9
+
+            # a held single change, then a batch (its own key, sent at once)
+            await single(0.3)
+            await alice.ok("PLUGIN_PARAMETER_BATCH", {**target, "parameters": {"wet_dry": 0.44}})
+            rig.studio.sessions["jam"].throttle.flush()
+            assert _last_seen(bob, pid, "wet_dry") == 0.44
+
+            # both held: a batch, then a newer single change of the same parameter
+            await alice.ok("PLUGIN_PARAMETER_BATCH", {**target, "parameters": {"wet_dry": 0.5,
+                                                                              "room_size": 0.6}})
+            await single(0.7)
+            rig.studio.sessions["jam"].throttle.flush()
+            assert _last_seen(bob, pid, "wet_dry") == 0.7
+            assert _last_seen(bob, pid, "room_size") == 0.6  # the batch's other value still goes
+            assert rig.studio.sessions["jam"].engine.plugin(pid).get("wet_dry") == 0.7
+
+    run(scenario())
+
+
+def test_batches_of_two_senders_reach_each_other(tmp_path: Path) -> None:
+    """Held batches are merged per sender: a merged batch goes to everyone but its sender, so
+    merging two senders' batches would hide one sender's values from the other."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            target = {"track_id": "t", "plugin_id": pid}
+            await alice.ok("PLUGIN_PARAMETER_BATCH", {**target, "parameters": {"wet_dry": 0.1}})
+            await bob.ok("PLUGIN_PARAMETER_BATCH", {**target, "parameters": {"room_size": 0.8}})
+            await alice.ok("PLUGIN_PARAMETER_BATCH", {**target, "parameters": {"wet_dry": 0.2}})
+            rig.studio.sessions["jam"].throttle.flush()
+            assert _last_seen(alice, pid, "room_size") == 0.8
+            assert _last_seen(bob, pid, "wet_dry") == 0.2
+            changed_by = {u["data"]["changed_by"]: u["data"]["parameters"]
+                          for u in alice.received("PLUGIN_STATE_UPDATE")
+                          if u["data"]["state"] == "updated"}
+            assert changed_by == {"bob": {"room_size": 0.8}}
+
+    run(scenario())
+
+
+def test_a_removed_plugins_id_is_never_assigned_again(tmp_path: Path) -> None:
+    """Not in the session, nor after it was released and restored from the log: a late
+    message for the old plugin must not change a new one."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            first = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}))["plugin_id"]
+            await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": first,
+                                                "parameter_id": "mix", "parameter_value": 0.2})
+            await alice.ok("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": first,
+                                                "parameter_id": "mix", "parameter_value": 0.9})
+            await alice.ok("PLUGIN_REMOVE", {"track_id": "t", "plugin_id": first})
+            second = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}))["plugin_id"]
+            assert second != first
+            rig.studio.sessions["jam"].throttle.flush()  # the old plugin's held 0.9 is dropped
+            assert _last_seen(bob, second, "mix") != 0.9
+            late = await bob.error("PLUGIN_PARAMETER", {"track_id": "t", "plugin_id": first,
+                                                       "parameter_id": "mix",
+                                                       "parameter_value": 0.5})
+            assert late["code"] == "PLUGIN_NOT_FOUND"
+
+            for peer in (alice, bob):
+                await rig.studio.disconnect(peer.conn)
+            assert "jam" not in rig.studio.sessions
+            await asyncio.gather(*rig.studio._releasing)
+            carol = await rig.peer("carol")  # the session comes back from the log
+            third = (await carol.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}))["plugin_id"]
+            assert third not in (first, second)
+            created = rig.store.events("jam", action="plugin_add")
+            assert [e.details["plugin_id"] for e in created] == [first, second, third]
+            assert all(not e.parents for e in created)  # three plugins, three histories
 
     run(scenario())
 
