@@ -55,6 +55,7 @@ class Preset:
     parameters: dict[str, Any]
     factory: bool
     state_path: Path | None = None
+    path: Path | None = None  # its JSON file
 
 
 class PresetLibrary:
@@ -89,7 +90,7 @@ class PresetLibrary:
             raise ValueError("preset name must not be empty")
         folder = self.user_dir / key
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{_slug(name)}.json"
+        path = self._user_path(key, name)
         body = {"name": name, "plugin": plugin, "parameters": parameters}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
@@ -108,9 +109,22 @@ class PresetLibrary:
             raise KeyError(name)
         if preset.factory:
             raise PermissionError(f"factory preset {name!r} is read-only")
+        assert preset.path is not None  # read from a file
+        preset.path.unlink()
+        preset.path.with_suffix(".state").unlink(missing_ok=True)
+
+    def _user_path(self, key: str, name: str) -> Path:
+        """The JSON file of the user preset ``name``: its existing file, else the slug of the
+        name, else (the slug belongs to another name: "Warm Pad" vs "warm-pad") the slug
+        plus a hash of the exact name. Different names never share a file."""
+        for preset in self._read(self.user_dir / key, False):
+            if preset.name == name and preset.path is not None:
+                return preset.path
         path = self.user_dir / key / f"{_slug(name)}.json"
-        path.unlink()
-        path.with_suffix(".state").unlink(missing_ok=True)
+        if path.exists():
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            path = path.with_name(f"{_slug(name)}-{digest}.json")
+        return path
 
     def _all(self, key: str) -> list[Preset]:
         """Factory presets, then user presets (later entries shadow earlier ones)."""
@@ -131,5 +145,6 @@ class PresetLibrary:
             except (OSError, ValueError):
                 continue  # a damaged file is skipped, never fatal
             state = path.with_suffix(".state")
-            presets.append(Preset(name, params, factory, state if state.exists() else None))
+            presets.append(
+                Preset(name, params, factory, state if state.exists() else None, path))
         return presets

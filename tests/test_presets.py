@@ -162,3 +162,20 @@ def test_keys_and_user_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("PLUGINLAB_PRESETS", str(tmp_path))
     assert default_user_dir() == tmp_path
     assert PresetLibrary().user_dir == tmp_path
+
+
+def test_names_with_the_same_slug_keep_their_own_files(engine: Engine, reverb):
+    """"Warm Pad" and "warm-pad" slug alike; saving one must not overwrite the other."""
+    reverb.update({"wet_dry": 0.1})
+    reverb.save_preset("Warm Pad")
+    reverb.update({"wet_dry": 0.7})
+    reverb.save_preset("warm-pad")
+    reverb.update({"wet_dry": 0.4})
+    reverb.save_preset("Warm Pad")  # overwrites its own file, not warm-pad's
+    assert {"Warm Pad", "warm-pad"} <= set(reverb.presets())
+    assert reverb.load_preset("warm-pad")["wet_dry"] == pytest.approx(0.7)
+    assert reverb.load_preset("Warm Pad")["wet_dry"] == pytest.approx(0.4)
+    reverb.delete_preset("warm-pad")
+    assert "warm-pad" not in reverb.presets()
+    assert reverb.load_preset("Warm Pad")["wet_dry"] == pytest.approx(0.4)
+    assert len(list((engine.presets.user_dir / "reverb").glob("*.json"))) == 1
