@@ -338,7 +338,9 @@ class Studio:
         session = await self._session(session_id)
         conn.identity, conn.session_id = identity, session_id
         session.members[conn.id] = conn
-        self._broadcast(session, conn, "PRESENCE", {"event": "joined", "user_id": conn.user_id})
+        if not self._present_elsewhere(session, conn):  # presence is per user, not per tab
+            self._broadcast(session, conn, "PRESENCE", {"event": "joined",
+                                                        "user_id": conn.user_id})
         await self._record(conn, [self._draft(conn, "auth", "user", identity.user_id, "auth",
                                               {"session_id": session_id,
                                                "address": conn.address})])
@@ -386,9 +388,17 @@ class Studio:
     def _leave(self, conn: Connection) -> None:
         session = self.sessions.get(conn.session_id or "")
         if session is not None and session.members.pop(conn.id, None) is not None:
-            self._broadcast(session, conn, "PRESENCE", {"event": "left", "user_id": conn.user_id})
+            if not self._present_elsewhere(session, conn):
+                self._broadcast(session, conn, "PRESENCE", {"event": "left",
+                                                            "user_id": conn.user_id})
             if not session.members and self._restorable():
                 self._release(session)
+
+    @staticmethod
+    def _present_elsewhere(session: Session, conn: Connection) -> bool:
+        """True when ``conn``'s user has another connection in ``session``."""
+        return any(member.user_id == conn.user_id
+                   for member in session.members.values() if member is not conn)
 
     def _restorable(self) -> bool:
         """Sessions can be dropped from memory when the database restores them on rejoin."""

@@ -181,6 +181,24 @@ def test_auth_snapshot_presence_and_disconnect(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_presence_is_per_user_not_per_connection(tmp_path: Path) -> None:
+    """A second tab of a user announces nothing; closing one of two tabs is not "left"."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            bob_tab1, bob_tab2 = await rig.peer("bob"), await rig.peer("bob")
+            assert [m["data"] for m in alice.received("PRESENCE")] == [
+                {"event": "joined", "user_id": "bob"}]
+            await rig.studio.disconnect(bob_tab1.conn)
+            assert len(alice.received("PRESENCE")) == 1  # bob is still here
+            assert rig.studio.sessions["jam"].user_ids() == ["alice", "bob"]
+            await rig.studio.disconnect(bob_tab2.conn)
+            assert alice.received("PRESENCE")[-1]["data"] == {"event": "left", "user_id": "bob"}
+            assert rig.studio.sessions["jam"].user_ids() == ["alice"]
+
+    run(scenario())
+
+
 def test_reply_comes_before_the_broadcasts_it_causes(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path) as rig:
