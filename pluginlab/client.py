@@ -21,8 +21,11 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
+from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
+
+from .messages import HANDSHAKE_ID
 
 __all__ = ["Client", "ClientError"]
 
@@ -41,13 +44,20 @@ class ClientError(Exception):
 
 
 class Client:
-    """One WebSocket connection to a pluginlab server."""
+    """One WebSocket connection to a pluginlab server.
+
+    ``token`` (and ``session_id``) authenticate at the handshake: :meth:`connect` then returns
+    once the server has joined the session, with ``user_id``, ``session_id`` and ``snapshot``
+    filled, or raises ClientError. The server's answer is kept in ``handshake`` (also when
+    a token came in an ``Authorization`` header), not among the broadcasts.
+    """
 
     def __init__(self, url: str, *, token: str | None = None, session_id: str | None = None,
                  timeout: float = 10.0, **connect_kwargs: Any) -> None:
+        self._handshake = bool(token)
         if token:
-            sep = "&" if "?" in url else "?"
-            url = f"{url}{sep}token={token}" + (f"&session_id={session_id}" if session_id else "")
+            query = {"token": token, **({"session_id": session_id} if session_id else {})}
+            url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
         self.url = url
         self.timeout = timeout
         self._connect_kwargs = {"proxy": None, "compression": None, **connect_kwargs}
@@ -60,11 +70,30 @@ class Client:
         self.user_id: str | None = None
         self.session_id: str | None = None
         self.snapshot: dict[str, Any] | None = None
+        self.handshake: dict[str, Any] | None = None  # the server's answer to a handshake token
 
     async def connect(self) -> Self:
+        """Open the connection. With a ``token`` given to the constructor the server
+        authenticates at the handshake: this waits for its AUTH_SUCCESS (raising ClientError
+        if the server refuses to join) and fills ``user_id``, ``session_id``, ``snapshot``."""
         self._ws = await connect(self.url, **self._connect_kwargs)
         self._reader = asyncio.create_task(self._read())
+        if self._handshake:
+            await self._await_handshake()
         return self
+
+    async def _await_handshake(self) -> None:
+        async def answered() -> dict[str, Any]:
+            while self.handshake is None:
+                if self.closed:
+                    raise ConnectionError("connection closed during the handshake's join")
+                self._arrived.clear()
+                await self._arrived.wait()
+            return self.handshake
+
+        reply = await asyncio.wait_for(answered(), self.timeout)
+        if reply.get("type") == "ERROR":
+            raise ClientError(reply)
 
     async def close(self) -> None:
         if self._ws is not None:
@@ -114,9 +143,12 @@ class Client:
         data = {k: v for k, v in {"token": token, "user_id": user_id,
                                   "session_id": session_id}.items() if v is not None}
         reply = await self.call("AUTH", data)
-        self.user_id, self.session_id = reply.get("user_id"), reply.get("session_id")
-        self.snapshot = reply.get("snapshot")
+        self._joined(reply)
         return reply
+
+    def _joined(self, data: dict[str, Any]) -> None:
+        self.user_id, self.session_id = data.get("user_id"), data.get("session_id")
+        self.snapshot = data.get("snapshot")
 
     async def add_plugin(self, track_id: str, name: str, plugin_path: str | None = None,
                          plugin_id: str = "") -> dict[str, Any]:
@@ -208,7 +240,11 @@ class Client:
             async for frame in self._ws:
                 message = json.loads(frame)
                 future = self._pending.get(str(message.get("id")))
-                if future is not None and not future.done():
+                if message.get("id") == HANDSHAKE_ID:  # neither a reply nor a broadcast
+                    self.handshake = message
+                    if message.get("type") == "AUTH_SUCCESS":
+                        self._joined(message.get("data") or {})
+                elif future is not None and not future.done():
                     future.set_result(message)
                 else:
                     self._inbox.append(message)

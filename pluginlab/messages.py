@@ -21,6 +21,7 @@ from .jsonfast import reusable
 
 __all__ = [
     "ALIASES",
+    "HANDSHAKE_ID",
     "LEGACY_TYPES",
     "REQUEST_TYPES",
     "Request",
@@ -29,6 +30,8 @@ __all__ = [
     "now_iso",
     "parse",
 ]
+
+HANDSHAKE_ID = "handshake"  # the id of AUTH_SUCCESS (or ERROR) for a token given at the handshake
 
 ALIASES = {
     "plugin.add": "PLUGIN_ADD",

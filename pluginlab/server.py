@@ -36,7 +36,7 @@ from websockets.protocol import State
 from .auth import AuthConfig, Authenticator, generate_secret
 from .config import ServerConfig
 from .errors import AuthFailed, PluginlabError
-from .messages import dumps, envelope
+from .messages import HANDSHAKE_ID, dumps, envelope
 from .session import Connection, Studio
 
 __all__ = ["PluginServer"]
@@ -251,12 +251,12 @@ class PluginServer:
         try:
             data = await self.studio.authenticate_handshake(conn, token, session_id)
         except PluginlabError as exc:
-            conn.send(envelope("ERROR", exc.to_payload(), msg_id=None))
+            conn.send(envelope("ERROR", exc.to_payload(), msg_id=HANDSHAKE_ID))
             self._outbox.end_run()  # the ERROR goes out before the close frame
             await ws.close(1008, exc.message[:120])
             return
-        conn.send(envelope("AUTH_SUCCESS", data, msg_id=None, user_id=conn.user_id,
-                           session_id=conn.session_id))
+        conn.send(envelope("AUTH_SUCCESS", data, msg_id=HANDSHAKE_ID, user_id=conn.user_id,
+                          session_id=conn.session_id))
 
 
 class _Outbox:

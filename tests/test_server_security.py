@@ -263,8 +263,7 @@ def test_rs256_public_key_and_hs_rs_confusion(tmp_path: Path, rsa_pem: tuple[str
                 assert info.value.response.status_code == 401
                 shaken = await Client(server.url, token=good, session_id="jam").connect()
                 stack.push_async_callback(shaken.close)
-                hello = await shaken.wait_for("AUTH_SUCCESS")
-                assert hello["data"]["user_id"] == "alice"
+                assert (shaken.user_id, shaken.session_id) == ("alice", "jam")
 
     run(scenario())
 
@@ -356,8 +355,12 @@ def test_handshake_token_in_query_or_header(tmp_path: Path) -> None:
                 "Session-Id": "jam"}).connect()
             fresh = await Client(server.url, token=server.token("dave")).connect()
             try:
+                await asyncio.wait_for(_until(lambda: h.handshake is not None), 10)
                 for client, user in ((q, "bob"), (h, "carol")):
-                    hello = await client.wait_for("AUTH_SUCCESS")
+                    hello = client.handshake
+                    assert hello is not None and hello["type"] == "AUTH_SUCCESS"
+                    assert hello["id"] == "handshake" and client.received("AUTH_SUCCESS") == []
+                    assert (client.user_id, client.session_id) == (user, "jam")
                     assert hello["data"]["user_id"] == user
                     assert hello["data"]["session_id"] == "jam"
                     assert hello["session_id"] == "jam"
@@ -365,13 +368,38 @@ def test_handshake_token_in_query_or_header(tmp_path: Path) -> None:
                     # no AUTH needed: straight to work
                     done = await client.add_plugin("t", "Reverb")
                     assert done["success"] is True
-                hello = await fresh.wait_for("AUTH_SUCCESS")
-                assert hello["data"]["session_id"].startswith("session_")  # generated
+                assert fresh.session_id is not None
+                assert fresh.session_id.startswith("session_")  # generated
                 joined = {m["data"]["user_id"] for m in a.received("PRESENCE")}
                 assert joined >= {"bob", "carol"} and "dave" not in joined
             finally:
                 for client in (q, h, fresh):
                     await client.close()
+
+    run(scenario())
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
+
+
+def test_client_joins_at_the_handshake_or_raises_the_refusal(tmp_path: Path) -> None:
+    """Client(token=...) returns joined (ids and snapshot filled, any session name), or
+    raises the server's refusal as ClientError."""
+    async def scenario() -> None:
+        async with serving(tmp_path) as server:
+            odd = "jam & co/?#=1"
+            async with Client(server.url, token=server.token("bob"), session_id=odd) as bob:
+                assert (bob.user_id, bob.session_id) == ("bob", odd)
+                assert bob.snapshot is not None and bob.snapshot["members"] == ["bob"]
+                assert (await bob.session_state())["session_id"] == odd
+                assert bob.received() == []  # the handshake's answer is no broadcast
+            token = server.token("carol", sessions=["allowed"])
+            with pytest.raises(ClientError) as info:
+                await Client(server.url, token=token, session_id="elsewhere").connect()
+            assert info.value.code == "AUTH_FAILED"
+            assert info.value.message["id"] == "handshake"
 
     run(scenario())
 
