@@ -20,7 +20,7 @@ from .parameters import ParameterSpec, unique_ids
 
 __all__ = ["PluginFile", "binary_specs", "default_dirs", "is_binary_path", "scan"]
 
-BINARY_SUFFIXES = (".so", ".vst3", ".vst")
+BINARY_SUFFIXES = (".so", ".vst3", ".vst", ".dll", ".component", ".clap", ".dylib")
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,14 @@ def _display_name(path: Path) -> str:
 
 
 def is_binary_path(plugin_path: str | None) -> bool:
-    """True when ``plugin_path`` looks like a path to a binary rather than a built-in's name."""
+    """True when ``plugin_path`` looks like a path to a binary rather than a built-in's name:
+    it has a directory separator (``/``, or ``\\`` as in front ends' Windows paths) or a
+    plugin file suffix (also other platforms', e.g. ``.dll``: such a path is then reported as
+    missing on this machine, never mistaken for a name)."""
     if not plugin_path:
         return False
-    return os.sep in plugin_path or plugin_path.lower().endswith(BINARY_SUFFIXES)
+    return ("/" in plugin_path or "\\" in plugin_path
+            or plugin_path.lower().endswith(BINARY_SUFFIXES))
 
 
 def binary_specs(description: list[dict[str, Any]], values: list[float]) -> list[ParameterSpec]:

@@ -319,10 +319,11 @@ def test_strict_paths_refuse_placeholder_paths(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path, strict_paths=True) as server, \
                 clients(server, "alice") as (a,):
-            err = await error_of(a.add_plugin("t", "Reverb", REVERB_PATH))
-            assert err.code == "PLUGIN_ADD_FAILED"
-            assert err.details == {"name": "Reverb", "plugin_path": REVERB_PATH,
-                                   "reason": "plugin file not found"}
+            for path in (REVERB_PATH, "C:\\Plugins\\Reverb.dll"):
+                err = await error_of(a.add_plugin("t", "Reverb", path))
+                assert err.code == "PLUGIN_ADD_FAILED"
+                assert err.details == {"name": "Reverb", "plugin_path": path,
+                                       "reason": "plugin file not found"}
             assert (await a.add_plugin("t", "Reverb"))["success"] is True
 
     run(scenario())

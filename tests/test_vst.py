@@ -87,6 +87,8 @@ def test_scan_of_given_folders(tmp_path: Path):
 def test_binary_path_detection():
     assert is_binary_path("/usr/lib/lxvst/x.so")
     assert is_binary_path("Plugin.vst3")
+    assert is_binary_path("C:\\Plugins\\Reverb.dll")  # a Windows front end's path
+    assert is_binary_path("Reverb.dll") and is_binary_path("Verb.component")
     assert not is_binary_path("Reverb")
     assert not is_binary_path(None)
 
