@@ -120,7 +120,15 @@ class Authenticator:
         lifetime: float = 3600.0,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        """A signed token for ``user_id`` valid for ``lifetime`` seconds."""
+        """A signed token for ``user_id`` valid for ``lifetime`` seconds.
+
+        Unknown permissions raise ValueError. With a public key the algorithm is the
+        configured one, else the private key's (RS256 for RSA, ES256 for EC P-256).
+        """
+        unknown = sorted(set(permissions or ()) - set(PERMISSIONS))
+        if unknown:
+            raise ValueError(f"unknown permission(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(PERMISSIONS)}")
         now = int(time.time())
         claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(lifetime)}
         if sessions is not None:
@@ -131,8 +139,8 @@ class Authenticator:
         if self.config.public_key:
             if not self.config.private_key:
                 raise ValueError("issuing asymmetric tokens needs private_key")
-            return jwt.encode(claims, self.config.private_key,
-                              algorithm=self.config.algorithm or "RS256")
+            algorithm = self.config.algorithm or _algorithm_of(self.config.private_key)
+            return jwt.encode(claims, self.config.private_key, algorithm=algorithm)
         return jwt.encode(claims, self.config.secret or "", algorithm="HS256")
 
     # -- failure blocking -------------------------------------------------------------------
@@ -181,3 +189,15 @@ def _permissions(claims: dict[str, Any]) -> frozenset[str] | None:
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise AuthFailed("claim 'permissions'/'scope' must be a list or a string")
     return frozenset(value)
+
+
+def _algorithm_of(private_key: str) -> str:
+    """The JWT algorithm for a PEM private key: ES256 for an EC key, else RS256."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(private_key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"private key is not an unencrypted PEM key: {exc}") from None
+    return "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"

@@ -91,7 +91,11 @@ def cmd_token(args: argparse.Namespace) -> int:
         kwargs["sessions"] = args.session
     if args.permission:
         kwargs["permissions"] = args.permission
-    token = auth.issue(args.user, **kwargs)
+    try:
+        token = auth.issue(args.user, **kwargs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"token": token}) if args.json else token)
     return 0
 

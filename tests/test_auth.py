@@ -190,6 +190,25 @@ def test_es256_with_a_public_key() -> None:
         Authenticator(AuthConfig(public_key=public)).issue("alice")  # no private key
 
 
+def test_issue_picks_the_algorithm_of_the_private_key() -> None:
+    """An EC key signs ES256 without naming the algorithm (the server accepts RS256 and
+    ES256 by default); the token verifies."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    auth = Authenticator(AuthConfig(public_key=public, private_key=private))
+    token = auth.issue("alice")
+    assert jwt.get_unverified_header(token)["alg"] == "ES256"
+    assert auth.verify(token).user_id == "alice"
+
+
+def test_issue_refuses_unknown_permissions(auth: Authenticator) -> None:
+    with pytest.raises(ValueError, match="plugin:nonsense"):
+        auth.issue("alice", permissions=["plugin:read", "plugin:nonsense"])
+
+
 def test_hs_token_is_refused_by_an_asymmetric_config_even_with_a_shared_secret_set(
         rsa_keys: tuple[str, str]) -> None:
     _, public = rsa_keys
