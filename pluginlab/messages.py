@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -162,8 +163,38 @@ _SCAN = cast(Any, _DECODER).scan_once  # the C scanner, without decode()'s white
 
 
 def loads_strict(text: str | bytes) -> Any:
-    """json.loads that refuses NaN/Infinity tokens and numbers beyond the range of a double
-    (they would become infinite), and reports depth overflow as ValueError."""
+    """json.loads that refuses NaN/Infinity tokens, numbers beyond the range of a double
+    (they would become infinite) and lone surrogates (``"\\ud800"``: valid JSON, but no
+    Unicode text, so it could be neither stored nor sent on), and reports depth overflow as
+    ValueError."""
+    value = _loads(text)
+    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if "\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # the common frame: one substring test
+        _check_unicode(value)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(value: Any) -> None:
+    """ValueError if a string (or key) anywhere in ``value`` holds a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"lone surrogate in {item[:40]!r} is not Unicode text") from None
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _loads(text: str | bytes) -> Any:
     try:
         if isinstance(text, str) and not text.startswith("\ufeff"):
             if text[:1] == "{":  # the usual frame: one object, no surrounding whitespace

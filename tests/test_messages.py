@@ -410,12 +410,36 @@ def _decode_outcome(decode: Any, text: str) -> tuple[str, Any]:
 
 @FUZZ
 @given(st.one_of(json_values.map(json.dumps), messages(), st.text(max_size=200),
+                 st.text(st.characters(categories=["Cs", "Ll"]), max_size=4)  # surrogates
+                 .map(lambda t: json.dumps({"x": t, t: [t]})),
                  st.text(alphabet='{}[]":,0123456789.eE+- \ntruefalsnNI', max_size=60)
                  .map(lambda t: "{" + t)).filter(lambda t: not t.startswith("\ufeff")))
 def test_the_object_fast_path_agrees_with_the_decoder(text: str) -> None:
     """loads_strict scans a frame that starts with '{' directly; the outcome (value, or the
     error message) must be what the strict decoder itself gives for every text (a leading BOM
     takes another, documented path)."""
-    from pluginlab.messages import _DECODER, loads_strict
+    from pluginlab.messages import _DECODER, _check_unicode, loads_strict
 
-    assert _decode_outcome(loads_strict, text) == _decode_outcome(_DECODER.decode, text)
+    def reference(text: str) -> Any:
+        value = _DECODER.decode(text)
+        _check_unicode(value)
+        return value
+
+    assert _decode_outcome(loads_strict, text) == _decode_outcome(reference, text)
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type": "PING", "data": {"x": "\\ud800"}}',
+    '{"type": "PING", "data": {"\\uDFFF": 1}}',
+    '{"type": "PING", "data": {"x": ["ok", {"y": "a\\udc00b"}]}}',
+    b'{"type": "PING", "data": {"x": "\\ud800"}}',
+])
+def test_lone_surrogates_are_invalid_messages(frame: str | bytes) -> None:
+    """Valid JSON, but not Unicode text: it could be neither stored nor sent on."""
+    with pytest.raises(InvalidMessage, match="lone surrogate"):
+        parse(frame)
+
+
+def test_surrogate_pairs_and_other_escapes_are_text() -> None:
+    request = parse('{"type": "PING", "data": {"x": "\\ud83c\\udfb9 \\u00e9"}}')
+    assert request.data == {"x": "\U0001f3b9 \u00e9"}
