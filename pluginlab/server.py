@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -156,9 +157,13 @@ class PluginServer:
                 self.auth.check_blocked(address)
                 self.auth.verify(token)
             except AuthFailed as exc:
-                if exc.details and exc.details.get("reason") != "blocked":
+                details = exc.details or {}
+                if details.get("reason") != "blocked":
                     self.auth.record_failure(address)
-                return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc.message}\n")
+                if details.get("retry_after") is not None:  # blocked: when to come back
+                    response.headers["Retry-After"] = str(math.ceil(details["retry_after"]))
+                return response
         connection.pluginlab_handshake = (token, session_id)  # type: ignore[attr-defined]
         return None
 

@@ -146,6 +146,7 @@ def test_repeated_failures_block_the_address(tmp_path: Path) -> None:
             with pytest.raises(InvalidStatus) as info:
                 await Client(server.url, token=server.token("erin")).connect()
             assert info.value.response.status_code == 401
+            assert 0 < int(info.value.response.headers["Retry-After"]) <= 600
             # already authenticated connections are not affected
             assert (await insider.add_plugin("t", "Reverb"))["success"] is True
             assert (await attacker.ping())["type"] == "PONG"
