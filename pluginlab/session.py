@@ -288,7 +288,7 @@ class Studio:
                                    {"required_permission": None})
         permission = PERMISSION_OF.get(msg_type)
         if msg_type == "PLUGIN_PRESET":
-            permission = PRESET_PERMISSION.get(str(request.data.get("action", "load")))
+            permission = PRESET_PERMISSION.get(_preset_action(request), "plugin:write")
         if permission and conn.identity and not conn.identity.allows(permission):
             raise Unauthorized(f"token lacks permission {permission}",
                                {"required_permission": permission})
@@ -531,7 +531,7 @@ class Studio:
         d = request.data
         session = self._session_of(conn)
         plugin = self._plugin(session, request)
-        action = d.get("action") or "load"
+        action = _preset_action(request)
         name = d.get("preset_name")
         base = {"track_id": plugin.track_id, "plugin_id": plugin.id, "action": action,
                 "success": True}
@@ -768,6 +768,12 @@ def _batch_values(raw: Any) -> dict[str, Any]:
     if not values:
         raise InvalidMessage("must not be empty", "parameters")
     return values
+
+
+def _preset_action(request: Request) -> Any:
+    """PLUGIN_PRESET's action (missing, null or "" = load): one reading for the permission
+    check and the handler, so they can never disagree."""
+    return request.data.get("action") or "load"
 
 
 def _peek_id(frame: str | bytes) -> str | None:

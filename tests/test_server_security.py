@@ -224,6 +224,10 @@ def test_permissions_claim_is_enforced_per_message_type(tmp_path: Path) -> None:
             for action in ("load", "save", "delete"):
                 err = await error_of(reader.preset("t", pid, action, "Large Hall"))
                 assert err.details == {"required_permission": "plugin:write"}
+            for action in ("", "LOAD", "unknown"):  # "" means load; the others
+                err = await error_of(reader.request("PLUGIN_PRESET", {  # fail closed
+                    **base, "action": action, "preset_data": {"wet_dry": 0.9}}))
+                assert err.details == {"required_permission": "plugin:write"}, action
             allowed = await reader.get_parameters("t", pid)
             assert allowed["parameters"]["wet_dry"] == pytest.approx(0.3)  # nothing changed
             assert (await reader.session_state())["tracks"]["t"][0]["bypass"] is False
