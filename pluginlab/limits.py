@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
@@ -49,57 +48,50 @@ class Throttle:
 
     Keys are tuples whose first item names a group (a plugin); values are keyed by what they
     set (a parameter id). Several keys of a group may carry the same value name (a parameter
-    sent alone and in a batch); what leaves never overtakes a newer value: whenever values
-    leave (a leading or trailing edge, or :meth:`supersede` for a message sent unthrottled),
-    the group's older pending values of the same names are dropped, and a pending entry left
-    empty fires nothing.
+    sent alone and in a batch, by several senders). Only the newest value of a name is ever
+    pending: a submission drops the group's older pending values of its names (as does
+    :meth:`supersede`, for a message sent unthrottled), and a pending entry left empty fires
+    nothing. So no older value can reach anyone after a newer one: each key's audience (all
+    but its sender) gets the newer value from that value's own broadcast, and its sender
+    already has it.
     """
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._timers: dict[tuple[Hashable, ...], asyncio.TimerHandle] = {}
         self._pending: dict[tuple[Hashable, ...], _Pending] = {}
-        self._clock = itertools.count(1)  # submission order
 
     def submit(self, key: tuple[Hashable, ...], values: dict[str, Any],
                fire: Callable[[dict[str, Any]], None]) -> None:
         if self.window <= 0:
             fire(dict(values))
             return
-        stamp = next(self._clock)
+        self._drop(key[0], values, keep=key)
         if key in self._timers:
             pending = self._pending.get(key)
             if pending is None:
-                pending = self._pending[key] = _Pending({}, {}, fire)
+                pending = self._pending[key] = _Pending({}, fire)
             pending.fire = fire
-            for name, value in values.items():
-                pending.values[name] = value
-                pending.stamps[name] = stamp
+            pending.values.update(values)
             return
-        self._drop_older(key, dict.fromkeys(values, stamp))
         fire(dict(values))
         self._open(key)
 
     def supersede(self, group: Hashable, names: Iterable[str] | None = None) -> None:
         """Values of ``names`` (None: all) in ``group`` are being sent unthrottled now: drop
         the pending ones, which are older."""
-        stamp = next(self._clock)
-        for key, pending in list(self._pending.items()):
-            if key[0] == group:
-                self._drop(key, pending, dict.fromkeys(
-                    pending.values if names is None else names, stamp))
+        self._drop(group, names)
 
-    def _drop_older(self, sent_key: tuple[Hashable, ...], sent: dict[str, int]) -> None:
+    def _drop(self, group: Hashable, names: Iterable[str] | None,
+              keep: tuple[Hashable, ...] | None = None) -> None:
+        """Drop pending values of ``names`` (None: all) in ``group``, except under ``keep``."""
         for key, pending in list(self._pending.items()):
-            if key[0] == sent_key[0] and key != sent_key:
-                self._drop(key, pending, sent)
-
-    def _drop(self, key: tuple[Hashable, ...], pending: _Pending, sent: dict[str, int]) -> None:
-        for name, stamp in sent.items():
-            if pending.stamps.get(name, stamp) < stamp:
-                del pending.values[name], pending.stamps[name]
-        if not pending.values:
-            del self._pending[key]
+            if key[0] != group or key == keep:
+                continue
+            for name in pending.values.copy() if names is None else names:
+                pending.values.pop(name, None)
+            if not pending.values:
+                del self._pending[key]
 
     def _open(self, key: tuple[Hashable, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -109,28 +101,23 @@ class Throttle:
         self._timers.pop(key, None)
         pending = self._pending.pop(key, None)
         if pending is not None:
-            self._drop_older(key, pending.stamps)
             pending.fire(pending.values)
             self._open(key)
 
     def flush(self) -> None:
-        """Fire every pending trailing edge now, oldest first, and cancel the timers
-        (shutdown)."""
+        """Fire every pending trailing edge now and cancel the timers (shutdown)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        while self._pending:
-            key = min(self._pending, key=lambda k: max(self._pending[k].stamps.values()))
-            pending = self._pending.pop(key)
-            self._drop_older(key, pending.stamps)
-            pending.fire(pending.values)
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            entry.fire(entry.values)
 
 
 @dataclass(slots=True)
 class _Pending:
-    """A key's merged values waiting for the end of its window, with each value's
-    submission stamp, and the callback that sends them."""
+    """A key's merged values waiting for the end of its window, and the callback that sends
+    them."""
 
     values: dict[str, Any]
-    stamps: dict[str, int]
     fire: Callable[[dict[str, Any]], None]

@@ -501,7 +501,8 @@ def test_parameter_broadcasts_are_debounced_in_the_core(tmp_path: Path) -> None:
 
 
 def _last_seen(peer: Peer, pid: str, parameter: str) -> Any:
-    """The value of ``parameter`` a member ends up showing: the last broadcast carrying it."""
+    """The value of ``parameter`` a member ends up showing: the last message (its own reply
+    or a broadcast) carrying it."""
     seen = None
     for m in peer.outbox:
         data = m.get("data") or {}
@@ -571,6 +572,38 @@ def test_batches_of_two_senders_reach_each_other(tmp_path: Path) -> None:
                           for u in alice.received("PLUGIN_STATE_UPDATE")
                           if u["data"]["state"] == "updated"}
             assert changed_by == {"bob": {"room_size": 0.8}}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["batch", "single", "mixed"])
+def test_every_member_ends_on_the_last_value_when_two_senders_interleave(
+        tmp_path: Path, kind: str) -> None:
+    """A and B alternate changes of one parameter inside the window: an older held value of
+    A's must not reach B after B's own newer change (B would show A's value for good)."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False, debounce_window=30.0) as rig:
+            alice, bob, carol = (await rig.peer("alice"), await rig.peer("bob"),
+                                 await rig.peer("carol"))
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            target = {"track_id": "t", "plugin_id": pid}
+
+            async def change(peer: Peer, value: float, batch: bool) -> None:
+                if batch:
+                    await peer.ok("PLUGIN_PARAMETER_BATCH", {**target,
+                                                             "parameters": {"wet_dry": value}})
+                else:
+                    await peer.ok("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                       "parameter_value": value})
+
+            for i, (peer, value) in enumerate([(alice, 0.1), (bob, 0.3), (alice, 0.2),
+                                               (bob, 0.5)]):
+                await change(peer, value, kind == "batch" or (kind == "mixed" and i % 2 == 0))
+            rig.studio.sessions["jam"].throttle.flush()  # = every window ends
+            assert rig.studio.sessions["jam"].engine.plugin(pid).get("wet_dry") == 0.5
+            assert _last_seen(alice, pid, "wet_dry") == 0.5
+            assert _last_seen(carol, pid, "wet_dry") == 0.5
+            assert _last_seen(bob, pid, "wet_dry") == 0.5  # his own reply, nothing after it
 
     run(scenario())
 
