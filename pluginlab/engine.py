@@ -408,7 +408,10 @@ class Engine:
         ``name``: a built-in's name (case-insensitive) or a label for a binary.
         ``plugin_path``: None / a bare name for built-ins, or a path to a VST2/VST3 binary.
         ``plugin_id``: None or "" lets the engine assign one; a taken id -> InvalidMessage.
+        ``track_id``: a non-empty string (InvalidMessage otherwise).
         """
+        if not isinstance(track_id, str) or not track_id:
+            raise InvalidMessage("must be a non-empty string", "track_id")
         if not isinstance(name, str) or not name.strip():
             raise PluginAddFailed(str(name), plugin_path, "name must be a non-empty string")
         recipe, effect, path, resolved, warning = self._resolve(name, plugin_path)

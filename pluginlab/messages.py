@@ -272,6 +272,8 @@ def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             expected = "/".join(t.__name__ for t in types if t is not type(None))
             raise InvalidMessage(f"expected {expected}, got {type(value).__name__}", name)
+        if name == "track_id" and not value and msg_type != "UPDATE_PARAMETER":
+            raise InvalidMessage("must not be empty", name)  # (legacy: "" = find by plugin)
         if name == "index" and isinstance(value, int) and not -_MAX_INDEX <= value <= _MAX_INDEX:
             raise InvalidMessage(f"out of range [-{_MAX_INDEX}, {_MAX_INDEX}]", name)
     if msg_type in ("PLUGIN_PARAMETER", "UPDATE_PARAMETER") and "parameter_value" not in data:

@@ -608,6 +608,23 @@ def test_every_member_ends_on_the_last_value_when_two_senders_interleave(
     run(scenario())
 
 
+def test_an_empty_track_id_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            for msg_type, data in (("PLUGIN_ADD", {"track_id": "", "name": "Reverb"}),
+                                   ("ADD_PLUGIN", {"trackId": "", "pluginName": "Reverb"}),
+                                   ("PLUGIN_PARAMETER", {"track_id": "", "plugin_id": "p",
+                                                         "parameter_id": "x",
+                                                         "parameter_value": 1})):
+                err = await alice.error(msg_type, data)
+                assert (err["code"], err["details"]["field"]) == ("INVALID_MESSAGE", "track_id")
+            assert rig.studio.sessions["jam"].snapshot()["tracks"] == {}
+            assert rig.store.events("jam", action="plugin_add") == []
+
+    run(scenario())
+
+
 def test_a_removed_plugins_id_is_never_assigned_again(tmp_path: Path) -> None:
     """Not in the session, nor after it was released and restored from the log: a late
     message for the old plugin must not change a new one."""
