@@ -137,6 +137,7 @@ class Session:
     engine: Engine
     throttle: Throttle
     members: dict[str, Connection] = field(default_factory=dict)
+    busy: int = 0  # requests of its members being handled (it is not released meanwhile)
 
     def user_ids(self) -> list[str]:
         return sorted({c.user_id for c in self.members.values() if c.user_id})
@@ -292,7 +293,16 @@ class Studio:
         if permission and conn.identity and not conn.identity.allows(permission):
             raise Unauthorized(f"token lacks permission {permission}",
                                {"required_permission": permission})
-        data = await self._handlers[msg_type](conn, request)
+        session = self.sessions.get(conn.session_id) if conn.session_id else None
+        if session is None:
+            data = await self._handlers[msg_type](conn, request)
+        else:
+            session.busy += 1
+            try:
+                data = await self._handlers[msg_type](conn, request)
+            finally:
+                session.busy -= 1
+                self._release_if_idle(session)
         if data is None:
             return None
         reply_type = REPLY_TYPE.get(msg_type, msg_type)
@@ -328,14 +338,12 @@ class Studio:
         # per-user connection cap would let only 5 old clients in, so it does not apply
         shared = anonymous_user is not None or (token in (None, "")
                                                 and self.config.allow_anonymous)
-        others = sum(1 for c in self.connections.values()
-                     if c is not conn and c.authenticated and c.user_id == identity.user_id)
-        if not shared and others >= self.config.connections_per_user > 0:
-            raise AuthFailed("too many connections", limit=self.config.connections_per_user)
-        if self.auth is not None:
-            self.auth.record_success(conn.address)
+        self._check_connection_cap(conn, identity, shared)
         self._leave(conn)
         session = await self._session(session_id)
+        self._check_connection_cap(conn, identity, shared)  # again: others joined meanwhile
+        if self.auth is not None:
+            self.auth.record_success(conn.address)
         conn.identity, conn.session_id = identity, session_id
         session.members[conn.id] = conn
         if not self._present_elsewhere(session, conn):  # presence is per user, not per tab
@@ -346,6 +354,14 @@ class Studio:
                                                "address": conn.address})])
         return {"session_id": session_id, "user_id": identity.user_id,
                 "snapshot": session.snapshot()}
+
+    def _check_connection_cap(self, conn: Connection, identity: Identity, shared: bool) -> None:
+        """AuthFailed when the user already has ``connections_per_user`` authenticated
+        connections (``shared`` placeholder users are exempt)."""
+        others = sum(1 for c in self.connections.values()
+                     if c is not conn and c.authenticated and c.user_id == identity.user_id)
+        if not shared and others >= self.config.connections_per_user > 0:
+            raise AuthFailed("too many connections", limit=self.config.connections_per_user)
 
     def _verify(self, conn: Connection, token: Any, claimed: Any, anonymous: str | None
                 ) -> Identity:
@@ -391,8 +407,7 @@ class Studio:
             if not self._present_elsewhere(session, conn):
                 self._broadcast(session, conn, "PRESENCE", {"event": "left",
                                                             "user_id": conn.user_id})
-            if not session.members and self._restorable():
-                self._release(session)
+            self._release_if_idle(session)
 
     @staticmethod
     def _present_elsewhere(session: Session, conn: Connection) -> bool:
@@ -404,9 +419,14 @@ class Studio:
         """Sessions can be dropped from memory when the database restores them on rejoin."""
         return self.tracking
 
-    def _release(self, session: Session) -> None:
-        """Forget an empty session and free its engine (in the background); the next AUTH
-        into it restores its plugins from the database."""
+    def _release_if_idle(self, session: Session) -> None:
+        """Forget a session nobody is in and no request is using, when the database can
+        restore it, and free its engine (in the background); the next AUTH into it restores
+        its plugins. A request in flight (e.g. waiting for fsync) keeps it, so its change is
+        in the live engine that a rejoin finds, not lost from it."""
+        if (session.members or session.busy or not self._restorable()
+                or self.sessions.get(session.id) is not session):
+            return
         self.sessions.pop(session.id, None)
         session.throttle.flush()
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(session.engine.close))

@@ -739,6 +739,61 @@ def test_an_empty_session_is_released_and_restored_on_rejoin(tmp_path: Path) -> 
     run(scenario())
 
 
+def test_a_session_with_a_change_in_flight_is_not_released(tmp_path: Path) -> None:
+    """fsync: a change waits for its sync while its sender, alone in the session,
+    re-authenticates into it. The session must not be dropped and restored from a log that
+    does not have the change yet: the acknowledged value stays in the live engine."""
+    async def scenario() -> None:
+        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
+        try:
+            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
+                for attempt in range(20):
+                    alice = await rig.peer("alice")
+                    pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+                           )["plugin_id"]
+                    value = 0.5 + attempt / 100
+                    change = json.dumps({"id": "c", "type": "PLUGIN_PARAMETER", "data": {
+                        "track_id": "t", "plugin_id": pid, "parameter_id": "wet_dry",
+                        "parameter_value": value}})
+                    again = json.dumps({"id": "a", "type": "AUTH", "data": {
+                        "token": rig.token("alice"), "session_id": "jam"}})
+                    await asyncio.gather(rig.studio.receive(alice.conn, change),
+                                         rig.studio.receive(alice.conn, again))
+                    replies = {m["id"]: m for m in alice.outbox if m["id"] in ("a", "c")}
+                    assert replies["c"]["data"]["parameter_value"] == value
+                    assert replies["a"]["type"] == "AUTH_SUCCESS"
+                    live = rig.studio.sessions["jam"].engine.plugin(pid).get("wet_dry")
+                    assert live == pytest.approx(value), attempt
+                    await rig.studio.disconnect(alice.conn)
+                    await asyncio.gather(*rig.studio._releasing)
+        finally:
+            store.close()
+
+    run(scenario())
+
+
+def test_the_connection_cap_holds_for_concurrent_joins(tmp_path: Path) -> None:
+    """Twelve AUTHs of one user into a session being restored: five get in."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+            await rig.studio.disconnect(alice.conn)
+            await asyncio.gather(*rig.studio._releasing)
+            assert "jam" not in rig.studio.sessions  # the next join restores it
+            tabs = [Peer(rig.studio, "bob", rig.log) for _ in range(12)]
+            replies = await asyncio.gather(*(tab.send("AUTH", {"token": rig.token("bob"),
+                                                               "session_id": "jam"})
+                                             for tab in tabs))
+            joined = [r for r in replies if r["type"] == "AUTH_SUCCESS"]
+            refused = [r for r in replies if r["type"] == "ERROR"]
+            assert len(joined) == rig.studio.config.connections_per_user == 5
+            assert {r["data"]["details"]["reason"] for r in refused} == {"too many connections"}
+            assert len(rig.studio.sessions["jam"].members) == 5
+
+    run(scenario())
+
+
 def test_without_a_store_an_empty_session_is_kept(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path, store=None) as rig:
