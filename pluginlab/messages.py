@@ -67,6 +67,7 @@ LEGACY_FIELDS = {
 }
 
 _STR = (str,)
+MAX_PRESET_NAME = 200  # characters
 _MAX_INDEX = 2**31 - 1  # a chain position; larger ints cannot index a list
 # type -> {field: (allowed python types, required)}; values are checked, not coerced.
 _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -272,6 +273,8 @@ def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             expected = "/".join(t.__name__ for t in types if t is not type(None))
             raise InvalidMessage(f"expected {expected}, got {type(value).__name__}", name)
+        if name == "preset_name" and isinstance(value, str) and len(value) > MAX_PRESET_NAME:
+            raise InvalidMessage(f"longer than {MAX_PRESET_NAME} characters", name)
         if name == "track_id" and not value and msg_type != "UPDATE_PARAMETER":
             raise InvalidMessage("must not be empty", name)  # (legacy: "" = find by plugin)
         if name == "index" and isinstance(value, int) and not -_MAX_INDEX <= value <= _MAX_INDEX:

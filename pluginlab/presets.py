@@ -43,7 +43,9 @@ def preset_key(name: str, plugin_path: str | None) -> str:
 
 
 def _slug(text: str) -> str:
-    slug = re.sub(r"[^0-9A-Za-z]+", "_", text.strip()).strip("_").lower()
+    """A file-name-safe form of ``text``, at most 64 characters (long names that share it
+    are told apart by the collision rule of :meth:`PresetLibrary._user_path`)."""
+    slug = re.sub(r"[^0-9A-Za-z]+", "_", text.strip()).strip("_").lower()[:64].strip("_")
     return slug or "preset"
 
 

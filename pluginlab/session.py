@@ -168,6 +168,7 @@ class Studio:
         self.sessions: dict[str, Session] = {}
         self.connections: dict[str, Connection] = {}
         self._session_lock = asyncio.Lock()
+        self._preset_lock = asyncio.Lock()  # preset saves and deletes, one at a time
         self._releasing: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, Handler] = {
             "AUTH": self._auth, "PING": self._ping,
@@ -561,31 +562,36 @@ class Studio:
         if action == "save":
             if not name:
                 raise InvalidMessage("required for save", "preset_name")
-            await asyncio.to_thread(plugin.save_preset, name)
-            daid = await self._record(conn, [self._draft(
-                conn, "preset_save", "preset", f"{plugin.preset_key}/{name}", "preset_save",
-                {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name,
-                 "parameters": plugin.values})])
+            async with self._preset_lock:  # the file and its event stay one story
+                await asyncio.to_thread(plugin.save_preset, name)
+                saved = self.presets.get(plugin.preset_key, name)  # what the file holds
+                daid = await self._record(conn, [self._draft(
+                    conn, "preset_save", "preset", f"{plugin.preset_key}/{name}", "preset_save",
+                    {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name,
+                     "parameters": saved.parameters if saved else plugin.values})])
             return {**base, "preset_name": name, "daid": daid}
         if action == "delete":
             if not name:
                 raise InvalidMessage("required for delete", "preset_name")
-            # check first, record, then delete: a deletion that cannot be recorded never happens
-            existing = self.presets.get(plugin.preset_key, name)
-            if existing is None:
-                raise PresetLoadFailed(plugin.id, f"unknown preset {name!r}")
-            if existing.factory:
-                raise PresetLoadFailed(plugin.id, f"factory preset {name!r} is read-only")
-            daid = await self._record(conn, [self._draft(
-                conn, "preset_delete", "preset", f"{plugin.preset_key}/{name}", "delete",
-                {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name})])
-            plugin.delete_preset(name)
+            async with self._preset_lock:  # no save of this name lands in between
+                # check, record, then delete: a deletion that cannot be recorded never happens
+                existing = self.presets.get(plugin.preset_key, name)
+                if existing is None:
+                    raise PresetLoadFailed(plugin.id, f"unknown preset {name!r}")
+                if existing.factory:
+                    raise PresetLoadFailed(plugin.id, f"factory preset {name!r} is read-only")
+                daid = await self._record(conn, [self._draft(
+                    conn, "preset_delete", "preset", f"{plugin.preset_key}/{name}", "delete",
+                    {"track_id": plugin.track_id, "plugin_id": plugin.id, "preset_name": name})])
+                plugin.delete_preset(name)
             return {**base, "preset_name": name, "daid": daid}
         if action != "load":
             raise InvalidMessage("expected load, save, list or delete", "action")
         source = d.get("preset_data") if d.get("preset_data") is not None else name
         if source is None:
             raise InvalidMessage("preset_name or preset_data required", "preset_name")
+        changes = len(source) if isinstance(source, dict) else len(plugin.parameters)
+        self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second", changes)
         before = plugin.values
         values = await asyncio.to_thread(plugin.load_preset, source)
         daid = await self._record(conn, [self._draft(

@@ -179,3 +179,15 @@ def test_names_with_the_same_slug_keep_their_own_files(engine: Engine, reverb):
     assert "warm-pad" not in reverb.presets()
     assert reverb.load_preset("Warm Pad")["wet_dry"] == pytest.approx(0.4)
     assert len(list((engine.presets.user_dir / "reverb").glob("*.json"))) == 1
+
+
+def test_long_names_are_saved_under_short_distinct_files(engine: Engine, reverb):
+    long_a, long_b = "x" * 300, "x" * 299 + "y"  # same 64-character slug
+    reverb.update({"wet_dry": 0.2})
+    reverb.save_preset(long_a)
+    reverb.update({"wet_dry": 0.6})
+    reverb.save_preset(long_b)
+    assert reverb.load_preset(long_a)["wet_dry"] == pytest.approx(0.2)
+    assert reverb.load_preset(long_b)["wet_dry"] == pytest.approx(0.6)
+    files = list((engine.presets.user_dir / "reverb").glob("*.json"))
+    assert len(files) == 2 and all(len(f.name) < 100 for f in files)

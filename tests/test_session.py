@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -790,6 +791,81 @@ def test_the_connection_cap_holds_for_concurrent_joins(tmp_path: Path) -> None:
             assert len(joined) == rig.studio.config.connections_per_user == 5
             assert {r["data"]["details"]["reason"] for r in refused} == {"too many connections"}
             assert len(rig.studio.sessions["jam"].members) == 5
+
+    run(scenario())
+
+
+def test_preset_saves_record_what_the_file_holds_and_deletes_never_eat_a_later_save(
+        tmp_path: Path) -> None:
+    """Races on presets (fsync makes every record wait): a change landing during a save is
+    either in the file and its event or in neither; a delete and a save of one name end with
+    the file present exactly when the save's event is the later one."""
+    async def scenario() -> None:
+        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
+        try:
+            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
+                alice, bob = await rig.peer("alice"), await rig.peer("bob")
+                pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+                       )["plugin_id"]
+                target = {"track_id": "t", "plugin_id": pid}
+                library = rig.studio.presets
+                ids = itertools.count()
+
+                async def request(peer: Peer, msg_type: str, data: dict[str, Any]
+                                  ) -> dict[str, Any]:
+                    msg_id = f"r{next(ids)}"
+                    await rig.studio.receive(peer.conn, json.dumps(
+                        {"id": msg_id, "type": msg_type, "data": data}))
+                    return next(m for m in peer.outbox if m["id"] == msg_id)
+
+                def history(name: str) -> list[Any]:
+                    return [e for e in store.events("jam")
+                            if e.action in ("preset_save", "preset_delete")
+                            and e.details.get("preset_name") == name]
+
+                for attempt in range(15):
+                    name = f"take {attempt}"
+                    await asyncio.gather(
+                        request(alice, "PLUGIN_PRESET", {**target, "action": "save",
+                                                         "preset_name": name}),
+                        request(bob, "PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                          "parameter_value": attempt / 20}))
+                    preset = library.get("reverb", name)
+                    assert preset is not None
+                    assert history(name)[-1].details["parameters"] == preset.parameters
+
+                    replies = await asyncio.gather(
+                        request(bob, "PLUGIN_PRESET", {**target, "action": "delete",
+                                                       "preset_name": name}),
+                        request(alice, "PLUGIN_PRESET", {**target, "action": "save",
+                                                         "preset_name": name}))
+                    assert [r["type"] for r in replies] == ["PLUGIN_PRESET"] * 2
+                    exists = library.get("reverb", name) is not None
+                    assert exists == (history(name)[-1].action == "preset_save"), attempt
+        finally:
+            store.close()
+
+    run(scenario())
+
+
+def test_preset_loads_count_against_the_per_plugin_change_limit(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            four = {"wet_dry": 0.5, "room_size": 0.5, "damping": 0.5, "pre_delay": 10.0}
+            codes = []
+            for _ in range(20):
+                reply = await alice.send("PLUGIN_PRESET", {"track_id": "t", "plugin_id": pid,
+                                                           "preset_data": four})
+                codes.append(reply["data"].get("code") if reply["type"] == "ERROR" else "ok")
+            limit = rig.studio.config.parameter_changes_per_second
+            assert codes.count("ok") == limit // 4
+            assert set(codes[limit // 4:]) == {"RATE_LIMITED"}
+            err = await alice.error("PLUGIN_PRESET", {"track_id": "t", "plugin_id": pid,
+                                                      "action": "save",
+                                                      "preset_name": "n" * 201})
+            assert err["details"]["field"] == "preset_name"
 
     run(scenario())
 
