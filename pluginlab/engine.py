@@ -402,6 +402,7 @@ class Engine:
         *,
         plugin_id: str | None = None,
         index: int | None = None,
+        reserved: Callable[[str], None] | None = None,
     ) -> Plugin:
         """Create a plugin on ``track_id`` (the track is created if needed).
 
@@ -409,6 +410,8 @@ class Engine:
         ``plugin_path``: None / a bare name for built-ins, or a path to a VST2/VST3 binary.
         ``plugin_id``: None or "" lets the engine assign one; a taken id -> InvalidMessage.
         ``track_id``: a non-empty string (InvalidMessage otherwise).
+        ``reserved``: called with the plugin's id (in the calling thread) once it is reserved,
+        before the plugin becomes visible.
         """
         if not isinstance(track_id, str) or not track_id:
             raise InvalidMessage("must be a non-empty string", "track_id")
@@ -417,6 +420,8 @@ class Engine:
         recipe, effect, path, resolved, warning = self._resolve(name, plugin_path)
         label = effect.name if effect is not None else name
         pid = self._reserve_id(plugin_id)
+        if reserved is not None:
+            reserved(pid)
         try:
             info = self._owner.call(self._create_on_owner, recipe)
             specs = self._specs_for(effect, info)

@@ -38,6 +38,7 @@ from .errors import (
     InternalError,
     InvalidMessage,
     PluginlabError,
+    PluginNotFound,
     PresetLoadFailed,
     RateLimited,
     Unauthorized,
@@ -138,13 +139,18 @@ class Session:
     throttle: Throttle
     members: dict[str, Connection] = field(default_factory=dict)
     busy: int = 0  # requests of its members being handled (it is not released meanwhile)
+    creating: set[str] = field(default_factory=set)  # plugin ids added but not yet recorded
 
     def user_ids(self) -> list[str]:
         return sorted({c.user_id for c in self.members.values() if c.user_id})
 
     def snapshot(self) -> dict[str, Any]:
-        return {"session_id": self.id, "members": self.user_ids(),
-                "tracks": self.engine.snapshot()}
+        """Members and tracks; a plugin whose creation is not recorded yet is not in it."""
+        tracks = self.engine.snapshot()
+        if self.creating:
+            tracks = {tid: [p for p in chain if p["plugin_id"] not in self.creating]
+                      for tid, chain in tracks.items()}
+        return {"session_id": self.id, "members": self.user_ids(), "tracks": tracks}
 
 
 Handler = Callable[[Connection, Request], Awaitable[dict[str, Any] | None]]
@@ -443,21 +449,30 @@ class Studio:
         d = request.data
         session = self._session_of(conn)
         engine = session.engine
-        plugin = await asyncio.to_thread(
-            engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
-            plugin_id=d.get("plugin_id") or None, index=d.get("index"),
-        )
-        info = await asyncio.to_thread(plugin.parameter_info)
-        index = list(engine.track(plugin.track_id).plugins).index(plugin)
-        details = {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
-                   "plugin_path": plugin.plugin_path, "index": index,
-                   "parameters": plugin.values, "bypass": False}
+        held: list[str] = []
+
+        def hold(plugin_id: str) -> None:  # in the engine's thread, before others can see it
+            held.append(plugin_id)
+            session.creating.add(plugin_id)
+
         try:
-            daid = await self._record(conn, [self._draft(conn, "plugin_add", "plugin", plugin.id,
-                                                         "create", details)])
-        except Exception:
-            await asyncio.to_thread(engine.remove_plugin, plugin.id)
-            raise
+            plugin = await asyncio.to_thread(
+                engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
+                plugin_id=d.get("plugin_id") or None, index=d.get("index"), reserved=hold,
+            )
+            info = await asyncio.to_thread(plugin.parameter_info)
+            index = list(engine.track(plugin.track_id).plugins).index(plugin)
+            details = {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
+                       "plugin_path": plugin.plugin_path, "index": index,
+                       "parameters": plugin.values, "bypass": False}
+            try:
+                daid = await self._record(conn, [self._draft(
+                    conn, "plugin_add", "plugin", plugin.id, "create", details)])
+            except Exception:
+                await asyncio.to_thread(engine.remove_plugin, plugin.id)
+                raise
+        finally:
+            session.creating.difference_update(held)  # recorded (or gone): addressable now
         data = {"track_id": plugin.track_id, "name": plugin.name,
                 "plugin_path": plugin.plugin_path, "plugin_id": plugin.id, "index": index,
                 "parameters": plugin.values, "parameter_info": info, "bypass": False,
@@ -627,8 +642,12 @@ class Studio:
 
     # == helpers ============================================================================
     def _plugin(self, session: Session, request: Request) -> Plugin:
+        """The plugin a request names; one still being added (its creation not recorded yet)
+        does not exist for other requests: nothing may be logged about it before its birth."""
         d = request.data
         track_id = d.get("track_id")
+        if d["plugin_id"] in session.creating:
+            raise PluginNotFound(d["plugin_id"], track_id)
         if request.type == "UPDATE_PARAMETER" and not track_id:
             return session.engine.plugin(d["plugin_id"])
         return session.engine.plugin(d["plugin_id"], track_id)

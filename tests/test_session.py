@@ -870,6 +870,47 @@ def test_preset_loads_count_against_the_per_plugin_change_limit(tmp_path: Path) 
     run(scenario())
 
 
+def test_a_plugin_is_addressable_only_once_its_creation_is_recorded(tmp_path: Path) -> None:
+    """While A's PLUGIN_ADD waits for its record (fsync), B cannot change, remove or see the
+    plugin already in the engine: nothing may be logged about it before its creation."""
+    async def scenario() -> None:
+        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
+        gate = asyncio.Event()
+        append = store.append_many_async
+
+        async def slow_append(drafts: list[Any]) -> list[Any]:
+            if drafts[0].action == "plugin_add":
+                await gate.wait()  # the record of the creation takes a while
+            return await append(drafts)
+
+        store.append_many_async = slow_append  # type: ignore[method-assign]
+        try:
+            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
+                alice, bob = await rig.peer("alice"), await rig.peer("bob")
+                adding = asyncio.ensure_future(alice.ok("PLUGIN_ADD", {"track_id": "t",
+                                                                       "name": "Reverb"}))
+                engine = rig.studio.sessions["jam"].engine
+                while "plugin_1" not in engine.plugins:  # in the engine, not yet recorded
+                    await asyncio.sleep(0.01)
+                target = {"track_id": "t", "plugin_id": "plugin_1"}
+                for msg_type, data in (("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                             "parameter_value": 0.9}),
+                                       ("PLUGIN_REMOVE", target)):
+                    assert (await bob.error(msg_type, data))["code"] == "PLUGIN_NOT_FOUND"
+                state = await bob.ok("SESSION_STATE_GET")
+                assert state["snapshot"]["tracks"].get("t", []) == []
+                gate.set()
+                assert (await adding)["plugin_id"] == "plugin_1"
+                await bob.ok("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                  "parameter_value": 0.9})
+                actions = [e.action for e in store.events("jam") if e.action != "auth"]
+                assert actions == ["plugin_add", "parameter_update"]
+        finally:
+            store.close()
+
+    run(scenario())
+
+
 def test_without_a_store_an_empty_session_is_kept(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path, store=None) as rig:
