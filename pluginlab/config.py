@@ -48,6 +48,7 @@ class ServerConfig:
     auth_block_seconds: float = 300.0
     # limits
     max_frame: int = 1024 * 1024
+    max_send_buffer: int = 16 * 1024 * 1024  # bytes queued to a client that does not read
     rate_limits: bool = True
     messages_per_second: int = 100
     parameter_changes_per_second: int = 50

@@ -65,8 +65,22 @@ class PluginlabError(Exception):
         return self.message
 
     def to_payload(self) -> dict[str, Any]:
-        """The ``data`` object of an ERROR message: ``{error, code, details}``."""
-        return {"error": self.message, "code": self.code.value, "details": self.details}
+        """The ``data`` object of an ERROR message: ``{error, code, details}``. Text echoed
+        from the request is cut to ``ECHO_LIMIT`` characters (a 900 KB bogus ``type`` does
+        not come back as a 900 KB error)."""
+        details = self.details
+        if details:
+            details = {k: _cut(v) for k, v in details.items()}
+        return {"error": _cut(self.message), "code": self.code.value, "details": details}
+
+
+ECHO_LIMIT = 200  # characters of request text echoed in an ERROR
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > ECHO_LIMIT:
+        return value[:ECHO_LIMIT] + f"... ({len(value)} characters)"
+    return value
 
 
 class AuthFailed(PluginlabError):

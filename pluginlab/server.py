@@ -49,6 +49,7 @@ log = logging.getLogger("pluginlab.server")
 
 PIPELINE_DEPTH = 64  # requests of one connection in flight at once
 BURST = 32  # frames of one connection handled in a row before the others get a turn
+READ_PAUSE = 1024 * 1024  # bytes of replies queued to a client: read no more of its frames
 
 
 def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
@@ -93,7 +94,7 @@ class PluginServer:
         self._server: Server | None = None
         self.port: int | None = None
         self._serialize: _Recent[dict[str, Any], str] = _Recent(dumps, keep=4)
-        self._outbox = _Outbox()
+        self._outbox = _Outbox(self.config.max_send_buffer)
 
     @property
     def url(self) -> str:
@@ -210,6 +211,7 @@ class PluginServer:
             handled += 1
             if handled % BURST == 0:
                 await asyncio.sleep(0)
+            await _read_less(ws)
 
     async def _serve_pipelined(self, ws: ServerConnection, conn: Connection) -> None:
         """Pipelining: frame N+1 starts once frame N has been applied and handed to the store;
@@ -222,6 +224,7 @@ class PluginServer:
         replied: asyncio.Future[None] | None = None
         try:
             async for frame in ws:
+                await _read_less(ws)
                 await slots.acquire()
                 applied: asyncio.Future[None] = loop.create_future()
                 done: asyncio.Future[None] = loop.create_future()
@@ -264,6 +267,14 @@ class PluginServer:
                           session_id=conn.session_id))
 
 
+async def _read_less(ws: ServerConnection) -> None:
+    """Back-pressure: while more than ``READ_PAUSE`` bytes of replies wait for a client to
+    read them, read none of its frames (TCP then slows its sender). A client that sends
+    without reading cannot make the server queue its replies without bound."""
+    if ws.transport.get_write_buffer_size() > READ_PAUSE:
+        await ws.drain()  # until websockets' low-water mark
+
+
 class _Outbox:
     """Writes messages to connections without awaiting, one write per run of messages.
 
@@ -278,6 +289,8 @@ class _Outbox:
     broadcasts of one change). Call :meth:`end_run` before closing a connection from the
     server side.
 
+    A connection with more than ``max_buffer`` bytes queued (it does not read) is dropped.
+
     Frames are built once per message text and the same bytes go to every member: a server
     does not mask its frames and compression is off, so they are identical for everyone
     (``websockets.broadcast`` builds them once per connection). Like ``broadcast``, nothing
@@ -285,7 +298,8 @@ class _Outbox:
     server never fragments).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_buffer: int) -> None:
+        self.max_buffer = max_buffer  # bytes queued to one connection before it is dropped
         self._ws: ServerConnection | None = None  # the connection of the current run
         self._held: list[str] = []  # its messages after the first
         self._end_scheduled = False
@@ -327,13 +341,21 @@ class _Outbox:
         self.end_run()
 
     def _write(self, ws: ServerConnection, texts: list[str]) -> None:
-        if ws.protocol.state is not State.OPEN or ws.send_in_progress is not None:
+        transport = ws.transport
+        if (ws.protocol.state is not State.OPEN or ws.send_in_progress is not None
+                or transport.is_closing()):
             return
         try:
-            ws.transport.writelines([self._frame(text) for text in texts])
+            transport.writelines([self._frame(text) for text in texts])
         except Exception:  # like broadcast: a failing connection never breaks the sender
             log.warning("skipped %d message(s) to a failing connection", len(texts),
                         exc_info=True)
+            return
+        if transport.get_write_buffer_size() > self.max_buffer:
+            # a member that does not read its broadcasts: it must not hold the server's memory
+            log.warning("dropping %s: %d bytes queued to it (max_send_buffer %d)",
+                        ws.remote_address, transport.get_write_buffer_size(), self.max_buffer)
+            transport.abort()
 
 
 class _Recent(Generic[K, V]):

@@ -443,3 +443,13 @@ def test_lone_surrogates_are_invalid_messages(frame: str | bytes) -> None:
 def test_surrogate_pairs_and_other_escapes_are_text() -> None:
     request = parse('{"type": "PING", "data": {"x": "\\ud83c\\udfb9 \\u00e9"}}')
     assert request.data == {"x": "\U0001f3b9 \u00e9"}
+
+
+def test_error_payloads_cut_echoed_text() -> None:
+    """A 900 KB bogus type is not sent back whole (a client could make us queue megabytes)."""
+    with pytest.raises(UnknownMessageType) as info:
+        parse(json.dumps({"type": "X" * 900_000}))
+    payload = info.value.to_payload()
+    assert payload["details"]["type"].startswith("X" * 200)
+    assert payload["details"]["type"].endswith("... (900000 characters)")
+    assert len(payload["error"]) < 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 
 from pluginlab.client import Client, ClientError
 from pluginlab.config import ServerConfig
+from pluginlab.server import READ_PAUSE
 
 TRACK = "test_track_001"
 SESSION = "test_session_001"
@@ -943,6 +945,11 @@ def test_a_client_whose_frames_are_all_buffered_lets_the_others_run(tmp_path: Pa
 
         def __init__(self, frames: list[str]) -> None:
             self.frames = frames
+            self.transport = self  # nothing is ever queued to it (replies go to a list)
+
+        @staticmethod
+        def get_write_buffer_size() -> int:
+            return 0
 
         async def __aiter__(self) -> Any:
             for text in self.frames:
@@ -1353,3 +1360,77 @@ def test_text_frames_are_the_bytes_websockets_would_send(size: int) -> None:
 
     text = ("é" + "x" * size)[:size] if size else ""
     assert _text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+# -- clients that do not read --------------------------------------------------------------
+
+async def _mute_client(server: Any) -> Any:
+    """A client that never reads: a tiny socket receive buffer, and websockets stops reading
+    its socket after one queued message."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    return await ws_connect(server.url, sock=sock, max_queue=1, proxy=None)
+
+
+def _queued(server: Any) -> list[int]:
+    """Bytes the server has queued to each open connection."""
+    return [ws.transport.get_write_buffer_size() for ws in server._server.connections]
+
+
+def test_a_client_that_sends_without_reading_is_slowed_not_buffered(tmp_path: Path) -> None:
+    """Its replies are not queued without bound: once READ_PAUSE bytes wait for it, the
+    server reads no more of its frames, so its own sends stall. Others keep working."""
+    async def scenario() -> None:
+        async with serving(tmp_path, rate_limits=False) as server, \
+                clients(server, "alice") as (a,):
+            mute = await _mute_client(server)
+            frame = json.dumps({"type": "X" * 20_000})  # UNKNOWN_MESSAGE_TYPE, echo cut short
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                while True:
+                    await mute.send(frame)
+                    sent += 1
+
+            task = asyncio.create_task(flood())
+            peak, stalled_at = 0, -1
+            while stalled_at != sent:  # until the flood makes no progress for 0.3 s
+                stalled_at = sent
+                for _ in range(3):
+                    await asyncio.sleep(0.1)
+                    peak = max(peak, *_queued(server))
+                assert (await a.ping())["type"] == "PONG"  # others are served meanwhile
+            task.cancel()
+            assert sent > 1000  # it did flood
+            assert READ_PAUSE <= peak < READ_PAUSE + 64 * 1024
+            mute.transport.abort()
+
+    run(scenario())
+
+
+def test_a_member_that_does_not_read_its_broadcasts_is_dropped(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, rate_limits=False, debounce_window=0.0,
+                           max_send_buffer=256 * 1024) as server, \
+                clients(server, "alice", "bob") as (a, b):
+            mute = await _mute_client(server)
+            await mute.send(json.dumps({"id": "j", "type": "AUTH", "data": {
+                "token": server.token("mute"), "session_id": "jam"}}))
+            await b.wait_for("PRESENCE", lambda m: m["data"]["user_id"] == "mute")
+            pid = (await a.add_plugin("t", "Reverb"))["plugin_id"]
+            for i in range(20_000):
+                await a.set_parameter("t", pid, "wet_dry", (i % 10) / 10)
+                if len(_queued(server)) == 2:  # alice and bob: the mute one was dropped
+                    break
+            else:
+                raise AssertionError("the member that does not read was never dropped")
+            left = await b.wait_for("PRESENCE", lambda m: m["data"]["event"] == "left")
+            assert left["data"]["user_id"] == "mute"
+            assert max(_queued(server)) < 64 * 1024
+            await a.set_parameter("t", pid, "wet_dry", 0.25)  # the session goes on
+            await b.wait_for("PLUGIN_STATE_UPDATE",
+                             lambda m: m["data"]["parameters"] == {"wet_dry": 0.25})
+
+    run(scenario())
