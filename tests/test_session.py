@@ -105,9 +105,9 @@ class Rig:
 async def studio_rig(tmp_path: Path, store: Any = "real", **cfg: Any) -> AsyncIterator[Rig]:
     config = ServerConfig(db=None, presets_dir=str(tmp_path / "presets"), jwt_secret=SECRET,
                           **cfg)
-    own = store == "real"
+    own = store in ("real", "fsync")  # "fsync": every record waits for its sync
     if own:
-        store = ProvenanceStore(str(tmp_path / "core.sqlite"))
+        store = ProvenanceStore(str(tmp_path / "core.sqlite"), fsync=store == "fsync")
     auth = Authenticator(AuthConfig(secret=SECRET, max_failures=config.auth_max_failures))
     studio = Studio(config, store=store, authenticator=auth)
     try:
@@ -745,30 +745,26 @@ def test_a_session_with_a_change_in_flight_is_not_released(tmp_path: Path) -> No
     re-authenticates into it. The session must not be dropped and restored from a log that
     does not have the change yet: the acknowledged value stays in the live engine."""
     async def scenario() -> None:
-        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
-        try:
-            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
-                for attempt in range(20):
-                    alice = await rig.peer("alice")
-                    pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
-                           )["plugin_id"]
-                    value = 0.5 + attempt / 100
-                    change = json.dumps({"id": "c", "type": "PLUGIN_PARAMETER", "data": {
-                        "track_id": "t", "plugin_id": pid, "parameter_id": "wet_dry",
-                        "parameter_value": value}})
-                    again = json.dumps({"id": "a", "type": "AUTH", "data": {
-                        "token": rig.token("alice"), "session_id": "jam"}})
-                    await asyncio.gather(rig.studio.receive(alice.conn, change),
-                                         rig.studio.receive(alice.conn, again))
-                    replies = {m["id"]: m for m in alice.outbox if m["id"] in ("a", "c")}
-                    assert replies["c"]["data"]["parameter_value"] == value
-                    assert replies["a"]["type"] == "AUTH_SUCCESS"
-                    live = rig.studio.sessions["jam"].engine.plugin(pid).get("wet_dry")
-                    assert live == pytest.approx(value), attempt
-                    await rig.studio.disconnect(alice.conn)
-                    await asyncio.gather(*rig.studio._releasing)
-        finally:
-            store.close()
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            for attempt in range(20):
+                alice = await rig.peer("alice")
+                pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+                       )["plugin_id"]
+                value = 0.5 + attempt / 100
+                change = json.dumps({"id": "c", "type": "PLUGIN_PARAMETER", "data": {
+                    "track_id": "t", "plugin_id": pid, "parameter_id": "wet_dry",
+                    "parameter_value": value}})
+                again = json.dumps({"id": "a", "type": "AUTH", "data": {
+                    "token": rig.token("alice"), "session_id": "jam"}})
+                await asyncio.gather(rig.studio.receive(alice.conn, change),
+                                     rig.studio.receive(alice.conn, again))
+                replies = {m["id"]: m for m in alice.outbox if m["id"] in ("a", "c")}
+                assert replies["c"]["data"]["parameter_value"] == value
+                assert replies["a"]["type"] == "AUTH_SUCCESS"
+                live = rig.studio.sessions["jam"].engine.plugin(pid).get("wet_dry")
+                assert live == pytest.approx(value), attempt
+                await rig.studio.disconnect(alice.conn)
+                await asyncio.gather(*rig.studio._releasing)
 
     run(scenario())
 
@@ -801,49 +797,46 @@ def test_preset_saves_record_what_the_file_holds_and_deletes_never_eat_a_later_s
     either in the file and its event or in neither; a delete and a save of one name end with
     the file present exactly when the save's event is the later one."""
     async def scenario() -> None:
-        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
-        try:
-            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
-                alice, bob = await rig.peer("alice"), await rig.peer("bob")
-                pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
-                       )["plugin_id"]
-                target = {"track_id": "t", "plugin_id": pid}
-                library = rig.studio.presets
-                ids = itertools.count()
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            store = rig.store
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"})
+                   )["plugin_id"]
+            target = {"track_id": "t", "plugin_id": pid}
+            library = rig.studio.presets
+            ids = itertools.count()
 
-                async def request(peer: Peer, msg_type: str, data: dict[str, Any]
-                                  ) -> dict[str, Any]:
-                    msg_id = f"r{next(ids)}"
-                    await rig.studio.receive(peer.conn, json.dumps(
-                        {"id": msg_id, "type": msg_type, "data": data}))
-                    return next(m for m in peer.outbox if m["id"] == msg_id)
+            async def request(peer: Peer, msg_type: str, data: dict[str, Any]
+                              ) -> dict[str, Any]:
+                msg_id = f"r{next(ids)}"
+                await rig.studio.receive(peer.conn, json.dumps(
+                    {"id": msg_id, "type": msg_type, "data": data}))
+                return next(m for m in peer.outbox if m["id"] == msg_id)
 
-                def history(name: str) -> list[Any]:
-                    return [e for e in store.events("jam")
-                            if e.action in ("preset_save", "preset_delete")
-                            and e.details.get("preset_name") == name]
+            def history(name: str) -> list[Any]:
+                return [e for e in store.events("jam")
+                        if e.action in ("preset_save", "preset_delete")
+                        and e.details.get("preset_name") == name]
 
-                for attempt in range(15):
-                    name = f"take {attempt}"
-                    await asyncio.gather(
-                        request(alice, "PLUGIN_PRESET", {**target, "action": "save",
-                                                         "preset_name": name}),
-                        request(bob, "PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
-                                                          "parameter_value": attempt / 20}))
-                    preset = library.get("reverb", name)
-                    assert preset is not None
-                    assert history(name)[-1].details["parameters"] == preset.parameters
+            for attempt in range(15):
+                name = f"take {attempt}"
+                await asyncio.gather(
+                    request(alice, "PLUGIN_PRESET", {**target, "action": "save",
+                                                     "preset_name": name}),
+                    request(bob, "PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                      "parameter_value": attempt / 20}))
+                preset = library.get("reverb", name)
+                assert preset is not None
+                assert history(name)[-1].details["parameters"] == preset.parameters
 
-                    replies = await asyncio.gather(
-                        request(bob, "PLUGIN_PRESET", {**target, "action": "delete",
-                                                       "preset_name": name}),
-                        request(alice, "PLUGIN_PRESET", {**target, "action": "save",
-                                                         "preset_name": name}))
-                    assert [r["type"] for r in replies] == ["PLUGIN_PRESET"] * 2
-                    exists = library.get("reverb", name) is not None
-                    assert exists == (history(name)[-1].action == "preset_save"), attempt
-        finally:
-            store.close()
+                replies = await asyncio.gather(
+                    request(bob, "PLUGIN_PRESET", {**target, "action": "delete",
+                                                   "preset_name": name}),
+                    request(alice, "PLUGIN_PRESET", {**target, "action": "save",
+                                                     "preset_name": name}))
+                assert [r["type"] for r in replies] == ["PLUGIN_PRESET"] * 2
+                exists = library.get("reverb", name) is not None
+                assert exists == (history(name)[-1].action == "preset_save"), attempt
 
     run(scenario())
 
@@ -874,39 +867,36 @@ def test_a_plugin_is_addressable_only_once_its_creation_is_recorded(tmp_path: Pa
     """While A's PLUGIN_ADD waits for its record (fsync), B cannot change, remove or see the
     plugin already in the engine: nothing may be logged about it before its creation."""
     async def scenario() -> None:
-        store = ProvenanceStore(str(tmp_path / "fsync.sqlite"), fsync=True)
-        gate = asyncio.Event()
-        append = store.append_many_async
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            store = rig.store
+            gate = asyncio.Event()
+            append = store.append_many_async
 
-        async def slow_append(drafts: list[Any]) -> list[Any]:
-            if drafts[0].action == "plugin_add":
-                await gate.wait()  # the record of the creation takes a while
-            return await append(drafts)
+            async def slow_append(drafts: list[Any]) -> list[Any]:
+                if drafts[0].action == "plugin_add":
+                    await gate.wait()  # the record of the creation takes a while
+                return await append(drafts)
 
-        store.append_many_async = slow_append  # type: ignore[method-assign]
-        try:
-            async with studio_rig(tmp_path, store=store, rate_limits=False) as rig:
-                alice, bob = await rig.peer("alice"), await rig.peer("bob")
-                adding = asyncio.ensure_future(alice.ok("PLUGIN_ADD", {"track_id": "t",
-                                                                       "name": "Reverb"}))
-                engine = rig.studio.sessions["jam"].engine
-                while "plugin_1" not in engine.plugins:  # in the engine, not yet recorded
-                    await asyncio.sleep(0.01)
-                target = {"track_id": "t", "plugin_id": "plugin_1"}
-                for msg_type, data in (("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
-                                                             "parameter_value": 0.9}),
-                                       ("PLUGIN_REMOVE", target)):
-                    assert (await bob.error(msg_type, data))["code"] == "PLUGIN_NOT_FOUND"
-                state = await bob.ok("SESSION_STATE_GET")
-                assert state["snapshot"]["tracks"].get("t", []) == []
-                gate.set()
-                assert (await adding)["plugin_id"] == "plugin_1"
-                await bob.ok("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
-                                                  "parameter_value": 0.9})
-                actions = [e.action for e in store.events("jam") if e.action != "auth"]
-                assert actions == ["plugin_add", "parameter_update"]
-        finally:
-            store.close()
+            store.append_many_async = slow_append  # type: ignore[method-assign]
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            adding = asyncio.ensure_future(alice.ok("PLUGIN_ADD", {"track_id": "t",
+                                                                   "name": "Reverb"}))
+            engine = rig.studio.sessions["jam"].engine
+            while "plugin_1" not in engine.plugins:  # in the engine, not yet recorded
+                await asyncio.sleep(0.01)
+            target = {"track_id": "t", "plugin_id": "plugin_1"}
+            for msg_type, data in (("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                                         "parameter_value": 0.9}),
+                                   ("PLUGIN_REMOVE", target)):
+                assert (await bob.error(msg_type, data))["code"] == "PLUGIN_NOT_FOUND"
+            state = await bob.ok("SESSION_STATE_GET")
+            assert state["snapshot"]["tracks"].get("t", []) == []
+            gate.set()
+            assert (await adding)["plugin_id"] == "plugin_1"
+            await bob.ok("PLUGIN_PARAMETER", {**target, "parameter_id": "wet_dry",
+                                              "parameter_value": 0.9})
+            actions = [e.action for e in store.events("jam") if e.action != "auth"]
+            assert actions == ["plugin_add", "parameter_update"]
 
     run(scenario())
 
