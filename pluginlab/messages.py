@@ -26,6 +26,7 @@ __all__ = [
     "LEGACY_TYPES",
     "REQUEST_TYPES",
     "Request",
+    "decode_strict",
     "dumps",
     "envelope",
     "now_iso",
@@ -168,7 +169,7 @@ def loads_strict(text: str | bytes) -> Any:
     (they would become infinite) and lone surrogates (``"\\ud800"``: valid JSON, but no
     Unicode text, so it could be neither stored nor sent on), and reports depth overflow as
     ValueError."""
-    value = _loads(text)
+    value = decode_strict(text)
     raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
     if "\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # the common frame: one substring test
         _check_unicode(value)
@@ -195,7 +196,8 @@ def _check_unicode(value: Any) -> None:
             stack.extend(item)
 
 
-def _loads(text: str | bytes) -> Any:
+def decode_strict(text: str | bytes) -> Any:
+    """:func:`loads_strict` without the Unicode check (strict JSON syntax and numbers)."""
     try:
         if isinstance(text, str) and not text.startswith("\ufeff"):
             if text[:1] == "{":  # the usual frame: one object, no surrounding whitespace

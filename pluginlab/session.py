@@ -45,7 +45,7 @@ from .errors import (
     UnknownMessageType,
 )
 from .limits import SlidingWindow, Throttle
-from .messages import LEGACY_TYPES, Request, dumps, envelope, loads_strict, now_iso, parse
+from .messages import LEGACY_TYPES, Request, decode_strict, dumps, envelope, now_iso, parse
 from .presets import PresetLibrary
 from .provenance import EventDraft
 
@@ -346,14 +346,18 @@ class Studio:
         shared = anonymous_user is not None or (token in (None, "")
                                                 and self.config.allow_anonymous)
         self._check_connection_cap(conn, identity, shared)
-        self._leave(conn)
+        current = self.sessions.get(conn.session_id or "")
+        rejoin = (conn.session_id == session_id and conn.user_id == identity.user_id
+                  and current is not None and conn.id in current.members)
+        if not rejoin:  # the same user again in the same session: nobody left or came
+            self._leave(conn)
         session = await self._session(session_id)
         self._check_connection_cap(conn, identity, shared)  # again: others joined meanwhile
         if self.auth is not None:
             self.auth.record_success(conn.address)
         conn.identity, conn.session_id = identity, session_id
         session.members[conn.id] = conn
-        if not self._present_elsewhere(session, conn):  # presence is per user, not per tab
+        if not rejoin and not self._present_elsewhere(session, conn):  # per user, not per tab
             self._broadcast(session, conn, "PRESENCE", {"event": "joined",
                                                         "user_id": conn.user_id})
         await self._record(conn, [self._draft(conn, "auth", "user", identity.user_id, "auth",
@@ -822,13 +826,15 @@ def _preset_action(request: Request) -> Any:
 
 
 def _peek_id(frame: str | bytes) -> str | None:
-    """Best-effort request id of a frame we refuse without parsing it fully."""
+    """Best-effort request id of a frame we refuse: also of JSON that parse() refused for
+    its content (e.g. a lone surrogate elsewhere), when the id itself is usable text."""
     try:
-        body = loads_strict(frame)
+        body = decode_strict(frame)  # NaN and the like: not JSON, no id
         value = body.get("id") if isinstance(body, dict) else None
         if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
             return None
-        return str(value)  # as parse() would have it
+        text = str(value)  # as parse() would have it
+        text.encode("utf-8")  # an id with a lone surrogate cannot be echoed
+        return text
     except Exception:  # noqa: BLE001 - only a best-effort id for the ERROR reply
         return None
-

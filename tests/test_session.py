@@ -200,6 +200,34 @@ def test_presence_is_per_user_not_per_connection(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_authenticating_again_into_the_same_session_announces_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            await bob.ok("AUTH", {"token": rig.token("bob"), "session_id": "jam"})
+            assert [m["data"]["event"] for m in alice.received("PRESENCE")] == ["joined"]
+            await bob.ok("AUTH", {"token": rig.token("bob"), "session_id": "other"})
+            assert [m["data"]["event"] for m in alice.received("PRESENCE")] == ["joined", "left"]
+
+    run(scenario())
+
+
+def test_a_refused_frame_with_a_usable_id_gets_it_echoed(tmp_path: Path) -> None:
+    """A lone surrogate in a field makes the frame INVALID_MESSAGE, but its id is fine: the
+    client's request must not wait for a reply that never names it."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path) as rig:
+            alice = await rig.peer("alice")
+            reply = await alice.frame('{"id": "q", "type": "PLUGIN_PARAMETER", "data": {'
+                                      '"track_id": "t", "plugin_id": "p\\ud800", '
+                                      '"parameter_id": "x", "parameter_value": 1}}')
+            assert (reply["id"], reply["data"]["code"]) == ("q", "INVALID_MESSAGE")
+            reply = await alice.frame('{"id": "q\\ud800", "type": "PING"}')
+            assert reply["id"] is None  # an id that is not text cannot be echoed
+
+    run(scenario())
+
+
 def test_reply_comes_before_the_broadcasts_it_causes(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path) as rig:
