@@ -518,11 +518,20 @@ class Engine:
         autos = self._automation_plan(automation or {})
         return self._owner.call(self._render_on_owner, *plan, autos)
 
-    async def render_async(self, seconds: float, **kwargs: Any) -> np.ndarray:
-        """:meth:`render` as an awaitable: the event loop keeps running meanwhile."""
-        plan = self._render_plan(seconds, kwargs.get("track_id"), kwargs.get("sample_rate"),
-                                 kwargs.get("block_size"))
-        return await self._owner.run(self._render_on_owner, *plan, {})
+    async def render_async(
+        self,
+        seconds: float,
+        *,
+        track_id: str | None = None,
+        sample_rate: int | None = None,
+        block_size: int | None = None,
+        automation: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """:meth:`render` (same arguments) as an awaitable: the event loop keeps running
+        meanwhile."""
+        plan = self._render_plan(seconds, track_id, sample_rate, block_size)
+        autos = self._automation_plan(automation or {})
+        return await self._owner.run(self._render_on_owner, *plan, autos)
 
     def write_wav(self, path: str | os.PathLike[str], audio: np.ndarray,
                   sample_rate: int | None = None) -> Path:

@@ -108,4 +108,14 @@ def test_render_automation_is_validated_and_temporary() -> None:
     automated = engine.render(0.5, automation={gain.id: {"gain": ramp}})
     assert rms(automated[:, -2048:]) < rms(plain[:, -2048:]) / 100
     np.testing.assert_array_equal(engine.render(0.5), plain)  # automation did not stick
+
+    async def awaited() -> None:  # render_async takes the same automation, validated alike
+        again = await engine.render_async(0.5, automation={gain.id: {"gain": ramp}})
+        np.testing.assert_array_equal(again, automated)
+        with pytest.raises(InvalidParameter, match="out of range"):
+            await engine.render_async(0.5, automation={gain.id: {"gain": np.full(22050, 99.0)}})
+        with pytest.raises(TypeError):
+            await engine.render_async(0.5, automaton={})  # type: ignore[call-arg]
+
+    asyncio.run(awaited())
     engine.close()
