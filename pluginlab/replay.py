@@ -6,16 +6,18 @@
   automation at the times they happened: "what did it sound like while they were tweaking".
 
 Replay contract: the chain is the one in place just before the first replayed change (rebuilt
-from the log with ``state_at``); parameter changes of those plugins inside the window become step automation,
-placed at ``(event time - start) * sample_rate``. DawDreamer applies Faust automation once per
-block, so changes land with ``block_size`` resolution (default 64 samples, ~1.5 ms). Changes to
-plugins added or removed inside the window are not replayed; they are listed in
-``Replay.skipped``. Sessions do not store track sources, so the caller chooses the input
-(default: ``data/drum_loop.wav``).
+from the log with ``state_at``); parameter changes and preset loads of those plugins inside the
+window become step automation, placed at ``(event time - start) * sample_rate``. DawDreamer
+applies Faust automation once per block, so changes land with ``block_size`` resolution
+(default 64 samples, ~1.5 ms). What automation cannot express is not replayed but listed in
+``Replay.skipped``, with a warning: bypass toggles, plugins added or removed inside the window,
+and changes to such plugins. Sessions do not store track sources, so the caller chooses the
+input (default: ``data/drum_loop.wav``).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -81,13 +83,15 @@ def replay(
     sample_rate: int = 44100,
     block_size: int = 64,
 ) -> Replay:
-    """Render ``track_id`` with the session's recorded parameter changes as automation.
+    """Render ``track_id`` with the session's recorded parameter changes (and preset loads)
+    as automation; events automation cannot express are in ``skipped`` (and warned about).
 
     ``start`` defaults to ``lead`` seconds before the first recorded change (after ``start``
     when given), ``end`` to the last change; the render lasts ``end - start + tail`` seconds.
     """
-    events = [e for e in store.events(session_id, action="parameter_update", start=start, end=end)
-              if e.details.get("track_id") == track_id]
+    on_track = [e for e in store.events(session_id, start=start, end=end)
+                if e.details.get("track_id") == track_id]
+    events = [e for e in on_track if e.action in _VALUE_ACTIONS]
     if not events:
         raise ValueError(f"no recorded parameter changes on track {track_id!r} "
                          f"of session {session_id!r} in that window")
@@ -100,6 +104,13 @@ def replay(
     engine.add_track(track_id, source or Source.file("drum_loop.wav"))
     engine.restore({track_id: state.get(track_id, [])})
     changes, skipped = _changes(engine, events, t0)
+    skipped = sorted(skipped + [e for e in on_track if e.action in _STRUCTURAL_ACTIONS
+                                and e.seq > events[0].seq
+                                and parse_timestamp(e.timestamp) <= t_end], key=_seq)
+    if skipped:
+        kinds = ", ".join(sorted({e.action for e in skipped}))
+        warnings.warn(f"replay: {len(skipped)} recorded event(s) are not in the audio ({kinds}):"
+                      f" automation cannot express them; see Replay.skipped", stacklevel=2)
     automation = _automation(engine, changes, int(round(seconds * sample_rate)), sample_rate)
     audio = engine.render(seconds, track_id=track_id, automation=automation)
     return Replay(audio, sample_rate, t0, changes, skipped, engine)
@@ -113,17 +124,29 @@ def _state_before(
     return store.state_at(session_id, daid=earlier[-1].daid) if earlier else {}
 
 
+_VALUE_ACTIONS = ("parameter_update", "preset_load")  # replayed as automation
+_STRUCTURAL_ACTIONS = ("plugin_bypass", "plugin_add", "plugin_remove")  # reported as skipped
+
+
+def _seq(event: Event) -> int:
+    return event.seq
+
+
 def _changes(engine: Engine, events: list[Event], t0: datetime) -> tuple[list[Change], list[Event]]:
+    """Automation steps from parameter updates and preset loads (one per parameter set);
+    events of plugins not in the replayed chain are skipped."""
     changes, skipped = [], []
     for event in events:
         d = event.details
         plugin = engine.plugins.get(str(d.get("plugin_id")))
-        if plugin is None or d.get("parameter_id") not in plugin.parameters:
+        values: dict[str, Any] = ({str(d.get("parameter_id")): d.get("value")}
+                  if event.action == "parameter_update" else dict(d.get("parameters") or {}))
+        if plugin is None or not set(values) <= set(plugin.parameters):
             skipped.append(event)
             continue
-        t = (parse_timestamp(event.timestamp) - t0).total_seconds()
-        changes.append(Change(max(t, 0.0), plugin.id, str(d["parameter_id"]),
-                              float(d["value"]), event.user_id))
+        t = max((parse_timestamp(event.timestamp) - t0).total_seconds(), 0.0)
+        changes += [Change(t, plugin.id, pid, float(value), event.user_id)
+                    for pid, value in values.items()]
     return changes, skipped
 
 

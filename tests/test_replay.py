@@ -119,3 +119,38 @@ def test_render_automation_is_validated_and_temporary() -> None:
 
     asyncio.run(awaited())
     engine.close()
+
+
+def test_replay_plays_preset_loads_and_reports_what_it_cannot_play(tmp_path: Path) -> None:
+    """A preset load is automation like any change; a bypass toggle and a removal inside the
+    window cannot be: they are in ``skipped``, with a warning, never silently dropped."""
+    async def scenario() -> None:
+        lab = await lab_module.start(db=str(tmp_path / "lab.sqlite"), jwt_secret=SECRET,
+                                     presets_dir=str(tmp_path / "presets"))
+        try:
+            gain = await lab.add_plugin("t", "Utility")
+            flt = await lab.add_plugin("t", "Filter")
+            await asyncio.sleep(0.05)
+            await lab.set(gain, "gain", -40.0)
+            await asyncio.sleep(0.4)
+            await lab.request("PLUGIN_PRESET", {"track_id": "t", "plugin_id": gain.id,
+                                                "preset_data": {"gain": 0.0}})
+            await asyncio.sleep(0.1)
+            await lab.bypass(flt, True)
+            await lab.remove_plugin(flt)
+            await lab.set(gain, "gain", -1.0)
+            with pytest.warns(UserWarning, match="plugin_bypass, plugin_remove"):
+                result = replay(lab.store, "notebook", "t",
+                                source=Source.sine(220, 4.0, level_db=-6))
+        finally:
+            await lab.stop()
+        gains = [c for c in result.changes if c.parameter_id == "gain"]
+        assert [c.value for c in gains] == [-40.0, 0.0, -1.0]  # the load sets every parameter
+        assert [e.action for e in result.skipped] == ["plugin_bypass", "plugin_remove"]
+        sr = result.sample_rate
+        first, loaded = (int(c.time * sr) for c in gains[:2])
+        during = rms(result.audio[:, first + 256: loaded - 256])
+        after = rms(result.audio[:, loaded + 256: loaded + sr // 20])
+        assert 20 * np.log10(after / during) == pytest.approx(40.0, abs=1.0)  # preset heard
+
+    asyncio.run(scenario())
