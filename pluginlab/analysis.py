@@ -570,18 +570,23 @@ def plot_parameter_timeline(
     parameters: Sequence[str] | None = None,
 ) -> Figure:
     """Step plot of parameter values over time: one line per (plugin, parameter), one marker
-    per change coloured by the user who made it (legend: lines, then users)."""
-    updates = frame[frame["action"] == "parameter_update"]
-    if plugin_id is not None:
-        updates = updates[updates["plugin_id"] == plugin_id]
-    if parameters is not None:
-        updates = updates[updates["parameter_id"].isin(list(parameters))]
+    per change coloured by the user who made it (legend: lines, then users).
+
+    A line is drawn for every parameter changed alone or by a preset load; its values are
+    :func:`parameter_history` (so it starts at the plugin's creation value and follows preset
+    loads)."""
+    scoped = frame if plugin_id is None else frame[frame["plugin_id"] == plugin_id]
+    wanted = None if parameters is None else set(parameters)
+    histories = {
+        pair: parameter_history(frame, *pair)
+        for pair in sorted(_changed_parameters(scoped))
+        if wanted is None or pair[1] in wanted
+    }
     figure, axes = _figure()
     ax: Axes = axes[0, 0]
-    users = sorted({str(u) for u in updates["user_id"].dropna()})
+    users = sorted({str(u) for rows in histories.values() for u in rows["user_id"].dropna()})
     user_colors = {u: f"C{i % 10}" for i, u in enumerate(users)}
-    groups = updates.groupby(["plugin_id", "parameter_id"], observed=True, sort=True)
-    for (plugin, parameter), rows in groups:
+    for (plugin, parameter), rows in histories.items():
         label = str(parameter) if plugin_id is not None else f"{plugin}.{parameter}"
         ax.step(rows["timestamp"], rows["value"], where="post", label=label, color="0.35",
                 linewidth=1.2)
@@ -591,9 +596,20 @@ def plot_parameter_timeline(
         ax.scatter([], [], s=14, color=user_colors[user], label=f"user: {user}")
     title = "Parameter timeline" + (f" - {plugin_id}" if plugin_id else "")
     ax.set(title=title, xlabel="time (UTC)", ylabel="value")
-    if groups.ngroups or users:
+    if histories or users:
         ax.legend(loc="best", fontsize="small")
     return figure
+
+
+def _changed_parameters(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    """(plugin_id, parameter_id) pairs set by a parameter update or a preset load."""
+    updates = frame[frame["action"] == "parameter_update"]
+    pairs = {(str(p), str(q)) for p, q in zip(updates["plugin_id"], updates["parameter_id"])}
+    loads = frame[frame["action"] == "preset_load"]
+    for plugin, details in zip(loads["plugin_id"], loads["details"]):
+        if isinstance(details, dict) and isinstance(details.get("parameters"), dict):
+            pairs.update((str(plugin), str(q)) for q in details["parameters"])
+    return pairs
 
 
 def plot_activity(frame: pd.DataFrame) -> Figure:
