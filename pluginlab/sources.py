@@ -68,8 +68,18 @@ class Source:
 
     @classmethod
     def from_array(cls, audio: np.ndarray, sample_rate: int) -> Source:
-        """In-memory audio, ``(channels, samples)`` or ``(samples,)``."""
-        return cls("array", array=np.asarray(audio, dtype=np.float32), array_rate=sample_rate)
+        """In-memory audio: ``(samples,)``, ``(channels, samples)`` or soundfile's
+        ``(samples, channels)`` (recognised: 1 or 2 channels and more samples than that).
+        More than two channels, or no samples, raise ValueError (never a silent render)."""
+        a = np.asarray(audio, dtype=np.float32)
+        if a.ndim == 2 and a.shape[1] <= 2 < a.shape[0]:
+            a = a.T  # sf.read() gives (samples, channels)
+        if a.ndim not in (1, 2) or a.shape[-1] == 0:
+            raise ValueError(f"audio must be (samples,) or (channels, samples), got {a.shape}")
+        if a.ndim == 2 and a.shape[0] > 2:
+            raise ValueError(f"{a.shape[0]} channels: pass the one or two to use "
+                             f"(shape {a.shape}, expected (channels, samples))")
+        return cls("array", array=a, array_rate=sample_rate)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for snapshots and provenance)."""

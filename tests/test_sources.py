@@ -106,6 +106,19 @@ def test_mono_file_and_array_become_stereo(tmp_path: Path):
     assert arr.describe() == {"kind": "array", "sample_rate": 22050}
 
 
+def test_array_in_soundfiles_layout_is_understood_and_bad_shapes_refused():
+    data, rate = sf.read(str(DRUMS), dtype="float32", always_2d=True)  # (samples, channels)
+    assert data.shape[1] == 2
+    source = Source.from_array(data, rate)
+    np.testing.assert_array_equal(source.render(rate), data.T)  # not a 2-sample source
+    with pytest.raises(ValueError, match="4 channels"):
+        Source.from_array(np.zeros((4, 1000)), rate)
+    with pytest.raises(ValueError, match="samples"):
+        Source.from_array(np.zeros((2, 0)), rate)
+    with pytest.raises(ValueError, match="samples"):
+        Source.from_array(np.zeros((2, 3, 4)), rate)
+
+
 def test_file_source_feeds_a_track(engine: Engine):
     track = engine.add_track("drums", Source.file("drum_loop.wav"))
     dry = track.render(1.0)
