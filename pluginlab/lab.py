@@ -39,7 +39,7 @@ __all__ = ["Lab", "start"]
 Listener = Callable[[dict[str, Any]], None]
 _CURRENT: Lab | None = None
 _SHOWN_LOCALLY = frozenset({"PLUGIN_PARAMETER", "PLUGIN_PARAMETER_BATCH", "PLUGIN_BYPASS",
-                            "PLUGIN_PRESET"})
+                            "PLUGIN_PRESET", "PLUGIN_REMOVE"})
 
 
 async def start(
@@ -107,8 +107,16 @@ class Lab:
 
     @property
     def engine(self) -> Engine:
-        """The session's engine (read it freely; change plugins through the lab)."""
+        """The session's engine (read it freely; change plugins through the lab).
+
+        RuntimeError once the lab is stopped (start a new one with ``pluginlab.start``)."""
+        self._check_running()
         return self.studio.sessions[self.session_id].engine
+
+    def _check_running(self) -> None:
+        if self.stopped:
+            raise RuntimeError("this lab is stopped: start a new one with "
+                               "`lab = await pluginlab.start(...)`")
 
     def token(self, user_id: str, **kwargs: Any) -> str:
         """A token for a colleague/browser; it may join this lab's session."""
@@ -128,6 +136,7 @@ class Lab:
         Successful changes are also shown to the kernel's own listeners (its widgets), since
         the core never broadcasts a change back to the connection that made it.
         """
+        self._check_running()
         reply = await self.studio.execute(self.conn, msg_type, data)
         if msg_type in _SHOWN_LOCALLY and reply.get("success"):
             self._deliver({"type": msg_type, "data": reply, "user_id": self.user_id})

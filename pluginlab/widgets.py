@@ -149,12 +149,24 @@ class PluginPanel:
             self._refresh_text(pid)
             self.status.value = ""
         except Exception as exc:  # noqa: BLE001 - shown in the panel, control put back
-            self.status.value = f"<span style='color:#b00'>{exc}</span>"
+            self._error(exc)
             self._show(pid, self.plugin.get(pid))
 
     def _on_bypass(self, change: dict[str, Any]) -> None:
         if not _REMOTE.get():
-            self.lab.submit(self.lab.bypass(self.plugin, bool(change["new"])))
+            self.lab.submit(self._send_bypass(bool(change["new"])))
+
+    async def _send_bypass(self, bypass: bool) -> None:
+        try:
+            await self.lab.bypass(self.plugin, bypass)
+            self.status.value = ""
+        except Exception as exc:  # noqa: BLE001 - shown in the panel, toggle put back
+            self._error(exc)
+            with _remote():
+                self.bypass.value = self.plugin.bypass
+
+    def _error(self, exc: Exception) -> None:
+        self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
 
     def _on_preset(self, change: dict[str, Any]) -> None:
         if _REMOTE.get() or not change["new"]:
@@ -165,7 +177,7 @@ class PluginPanel:
                 reply = await self.lab.preset(self.plugin, "load", change["new"])
                 self.apply(reply.get("parameters") or {})
             except Exception as exc:  # noqa: BLE001 - shown in the panel
-                self.status.value = f"<span style='color:#b00'>{exc}</span>"
+                self._error(exc)
 
         self.lab.submit(load())
 
@@ -182,7 +194,7 @@ class PluginPanel:
                     self.presets.options = [""] + self.plugin.presets()
                 self.status.value = f"saved preset {name!r}"
             except Exception as exc:  # noqa: BLE001 - shown in the panel
-                self.status.value = f"<span style='color:#b00'>{exc}</span>"
+                self._error(exc)
 
         self.lab.submit(save())
 
@@ -216,6 +228,8 @@ class PluginPanel:
             if _ORIGIN.get() is self:  # our own move coming back: the control already shows it
                 return
             self.apply({data["parameter_id"]: data["parameter_value"]})
+        elif kind == "PLUGIN_REMOVE":
+            self._removed(str(message.get("user_id")))
         elif kind == "PLUGIN_BYPASS":
             with _remote():
                 self.bypass.value = bool(data.get("bypass"))
@@ -223,6 +237,13 @@ class PluginPanel:
             user = data.get("user_id")
             for pid, label in self.editing.items():
                 label.value = f"<i>✎ {user}</i>" if pid == data.get("parameter_id") else ""
+
+    def _removed(self, user: str) -> None:
+        """The plugin is gone: every control is disabled and the panel says who removed it."""
+        for control in [*self.controls.values(), self.bypass, self.presets, self.preset_name,
+                        self.save]:
+            control.disabled = True
+        self.status.value = f"<i>removed by {html.escape(user)}</i>"
 
     def _placeholder(self, pid: str) -> str:
         """What a parameter's text shows before a binary's own text arrives."""
@@ -252,7 +273,7 @@ class PluginPanel:
                 for pid, text in texts.items():
                     self.texts[pid].value = _code(text)
         except Exception as exc:  # noqa: BLE001 - e.g. the plugin was removed: shown, not raised
-            self.status.value = f"<span style='color:#b00'>{exc}</span>"
+            self._error(exc)
         finally:
             self._text_reader = None
 

@@ -436,3 +436,39 @@ def test_presence_panel_shows_who_is_in_the_session(tmp_path: Path) -> None:
             presence.close()
 
     run(scenario())
+
+
+def test_panel_of_a_removed_plugin_is_disabled_and_refusals_are_shown(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_lab(tmp_path) as lab:
+            reverb = await lab.add_plugin("drums", "Reverb")
+            panel = lab.panel(reverb)
+            async with colleague(lab) as client:
+                panel.bypass.value = True  # a refused toggle below must come back to this
+                await eventually(lambda: reverb.bypass)
+                await client.remove_plugin("drums", reverb.id)
+                await eventually(lambda: panel.controls["wet_dry"].disabled)
+                assert panel.bypass.disabled and "removed by colleague" in panel.status.value
+                panel.bypass.value = False  # e.g. a click that raced the removal
+                await eventually(lambda: "not found" in panel.status.value)
+                assert panel.bypass.value is True  # put back: the plugin never changed
+            panel.close()
+
+    run(scenario())
+
+
+def test_a_stopped_lab_says_so(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lab = await pluginlab.start("nb", **lab_options(tmp_path))
+        reverb = await lab.add_plugin("drums", "Reverb")
+        panel = lab.panel(reverb)
+        await lab.stop()
+        with pytest.raises(RuntimeError, match="lab is stopped"):
+            lab.engine  # noqa: B018 - the property is what is tested
+        with pytest.raises(RuntimeError, match="lab is stopped"):
+            await lab.set(reverb, "wet_dry", 0.5)
+        panel.controls["wet_dry"].value = 0.5
+        await eventually(lambda: "lab is stopped" in panel.status.value)
+        panel.close()
+
+    run(scenario())
