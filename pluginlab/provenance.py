@@ -280,12 +280,17 @@ def format_timestamp(moment: datetime | None = None) -> str:
 
 
 def parse_timestamp(value: datetime | str) -> datetime:
-    """An aware UTC datetime from a datetime (naive = UTC) or an ISO-8601 string."""
+    """An aware UTC datetime from a datetime (naive = UTC; pandas Timestamps are datetimes),
+    a ``numpy.datetime64`` (UTC) or an ISO-8601 string."""
+    if type(value).__name__ == "datetime64":  # numpy, without importing it here
+        value = cast(Any, value).astype("datetime64[us]").item()
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value)
         except ValueError as exc:
             raise ValueError(f"not an ISO-8601 timestamp: {value!r}") from exc
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a datetime or an ISO-8601 string, got {type(value).__name__}")
     if value.tzinfo is None:
         return value.replace(tzinfo=_UTC)
     return value.astimezone(_UTC)

@@ -379,3 +379,16 @@ def test_events_frame_keeps_integers_beyond_64_bits(store: ProvenanceStore) -> N
     frame = events_frame(store)
     assert frame["details"].iloc[-1] == {"n": 123456789012345678901234567890}
     assert frame["details"].iloc[2] == store.events()[2].details
+
+
+def test_time_bounds_accept_every_timestamp_type(store: ProvenanceStore) -> None:
+    """str, datetime, pandas.Timestamp and numpy.datetime64 (what a DataFrame hands back)."""
+    frame = events_frame(store)
+    middle = frame["timestamp"].iloc[len(frame) // 2]
+    expected = events_frame(store, start=middle.isoformat())
+    assert len(expected) < len(frame)
+    for bound in (middle, middle.to_pydatetime(), middle.to_datetime64(),
+                  frame["timestamp"].to_numpy()[len(frame) // 2]):
+        pd.testing.assert_frame_equal(events_frame(store, start=bound), expected)
+    with pytest.raises(TypeError, match="expected a datetime"):
+        events_frame(store, start=12345)  # type: ignore[arg-type]
