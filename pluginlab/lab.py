@@ -218,7 +218,13 @@ class Lab:
         return remove
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any] | asyncio.Task[Any]:
-        """Run ``coro`` on the lab's loop from any thread (widget callbacks)."""
+        """Run ``coro`` on the lab's loop from any thread (widget callbacks). RuntimeError
+        (and ``coro`` closed) when the lab's loop is gone (a stopped lab of an earlier
+        ``asyncio.run``)."""
+        if self.loop.is_closed():
+            coro.close()
+            self._check_running()
+            raise RuntimeError("this lab's event loop is closed")
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

@@ -139,7 +139,7 @@ class PluginPanel:
                 return
             value = change["new"]
             value = float(value) if not isinstance(value, bool) else (1.0 if value else 0.0)
-            self.lab.submit(self._send(pid, value))
+            self._submit(self._send(pid, value))
         return handler
 
     async def _send(self, pid: str, value: float) -> None:
@@ -154,7 +154,7 @@ class PluginPanel:
 
     def _on_bypass(self, change: dict[str, Any]) -> None:
         if not _REMOTE.get():
-            self.lab.submit(self._send_bypass(bool(change["new"])))
+            self._submit(self._send_bypass(bool(change["new"])))
 
     async def _send_bypass(self, bypass: bool) -> None:
         try:
@@ -164,6 +164,13 @@ class PluginPanel:
             self._error(exc)
             with _remote():
                 self.bypass.value = self.plugin.bypass
+
+    def _submit(self, coro: Any) -> None:
+        """Hand ``coro`` to the lab's loop; a lab that is gone is reported in the panel."""
+        try:
+            self.lab.submit(coro)
+        except RuntimeError as exc:
+            self._error(exc)
 
     def _error(self, exc: Exception) -> None:
         self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
@@ -179,7 +186,7 @@ class PluginPanel:
             except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self._error(exc)
 
-        self.lab.submit(load())
+        self._submit(load())
 
     def _on_save(self, _button: Any) -> None:
         name = self.preset_name.value.strip()
@@ -196,7 +203,7 @@ class PluginPanel:
             except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self._error(exc)
 
-        self.lab.submit(save())
+        self._submit(save())
 
     # -- core -> widgets ------------------------------------------------------------------------
     def apply(self, values: dict[str, Any]) -> None:

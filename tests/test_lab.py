@@ -10,8 +10,10 @@ back what the kernel would show. Each test runs one ``async def scenario()`` und
 from __future__ import annotations
 
 import asyncio
+import gc
 import html
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -472,3 +474,22 @@ def test_a_stopped_lab_says_so(tmp_path: Path) -> None:
         panel.close()
 
     run(scenario())
+
+
+def test_a_panel_whose_labs_loop_is_gone_reports_it(tmp_path: Path) -> None:
+    """A script's second ``asyncio.run``: the old panel says its lab is stopped, and leaves
+    no never-awaited coroutine behind."""
+    async def first() -> PluginPanel:
+        lab = await pluginlab.start("nb", **lab_options(tmp_path))
+        panel = lab.panel(await lab.add_plugin("drums", "Reverb"))
+        await lab.stop()
+        return panel
+
+    panel = asyncio.run(first())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would be one
+        panel.controls["wet_dry"].value = 0.5
+        panel.bypass.value = True
+        gc.collect()
+    assert "lab is stopped" in panel.status.value
+    panel.close()
