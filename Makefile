@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# JupyterLab refuses to start as root (containers, CI boxes) unless told it may
+AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab demo serve test bench lint clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 notebooks/01_quickstart.ipynb
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $(AS_ROOT) notebooks/01_quickstart.ipynb
 
 demo: setup
 	$(VENV)/bin/pluginlab demo --out out/demo.wav
