@@ -148,7 +148,7 @@ class Plugin:
         """Display text of the current value (the plugin's own text for binaries).
 
         For a binary this waits for the engine's owner thread (behind any render in progress);
-        on an event loop use :meth:`text_async`.
+        on an event loop use :meth:`texts_async`.
         """
         return self._engine._texts(self, [parameter_id])[parameter_id]
 

@@ -170,8 +170,9 @@ def loads_strict(text: str | bytes) -> Any:
     Unicode text, so it could be neither stored nor sent on), and reports depth overflow as
     ValueError."""
     value = decode_strict(text)
-    raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
-    if "\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # the common frame: one substring test
+    if isinstance(text, bytes):  # rare (binary frames): decoded only when it may matter
+        text = text.decode("utf-8", "replace") if b"\\u" in text else ""
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):  # the common frame: one substring test
         _check_unicode(value)
     return value
 

@@ -264,7 +264,7 @@ class PluginServer:
             await ws.close(1008, exc.message[:120])
             return
         conn.send(envelope("AUTH_SUCCESS", data, msg_id=HANDSHAKE_ID, user_id=conn.user_id,
-                          session_id=conn.session_id))
+                           session_id=conn.session_id))
 
 
 async def _read_less(ws: ServerConnection) -> None:

@@ -93,8 +93,9 @@ class PluginPanel:
         self._stale_texts: set[str] = set()  # a binary's texts to read from the plugin
         self._text_reader: Any = None  # the task reading them, while it runs
         self._closed = False
-        for pid in self.controls:
-            self._refresh_text(pid)
+        if plugin.kind != "builtin":  # a built-in's placeholder is already its text
+            for pid in self.controls:
+                self._refresh_text(pid)  # one owner call reads them all
         self.editing = {pid: w.HTML("") for pid in self.controls}
         self.bypass = w.ToggleButton(value=plugin.bypass, description="bypass", icon="power-off")
         self.presets = w.Dropdown(options=[""] + plugin.presets(), description="preset")
