@@ -802,7 +802,8 @@ class Studio:
 
 
 def _batch_values(raw: Any) -> dict[str, Any]:
-    """``{id: value}`` or ``[{parameter_id, parameter_value}]`` -> dict (InvalidMessage if bad)."""
+    """``{id: value}`` or ``[{parameter_id, parameter_value}]`` -> dict (InvalidMessage if bad,
+    also for a list naming one parameter twice)."""
     if isinstance(raw, dict):
         if not raw:
             raise InvalidMessage("must not be empty", "parameters")
@@ -812,6 +813,9 @@ def _batch_values(raw: Any) -> dict[str, Any]:
         if not isinstance(item, dict) or not isinstance(item.get("parameter_id"), str) \
                 or "parameter_value" not in item:
             raise InvalidMessage("items need parameter_id (string) and parameter_value",
+                                 "parameters")
+        if item["parameter_id"] in values:  # which value was meant? refuse, never guess
+            raise InvalidMessage(f"parameter_id {item['parameter_id']!r} is listed twice",
                                  "parameters")
         values[item["parameter_id"]] = item["parameter_value"]
     if not values:

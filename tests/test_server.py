@@ -410,9 +410,13 @@ def test_parameter_batch_dict_and_list_forms_all_or_nothing(tmp_path: Path) -> N
                 assert set(err.details) == {"parameter_id", "parameter_value",
                                             "validation_error"}
             assert (await a.get_parameters("t", pid))["parameters"] == before  # none applied
-            for bad in ({}, [], [{"parameter_id": 5, "parameter_value": 1}], [1, 2]):
+            twice = [{"parameter_id": "time", "parameter_value": 130},
+                     {"parameter_id": "time", "parameter_value": 140}]
+            for bad in ({}, [], [{"parameter_id": 5, "parameter_value": 1}], [1, 2], twice):
                 err = await error_of(a.set_parameters("t", pid, bad))  # type: ignore[arg-type]
                 assert err.code == "INVALID_MESSAGE" and err.details["field"] == "parameters"
+            assert "listed twice" in err.details["reason"]
+            assert (await a.get_parameters("t", pid))["parameters"] == before
 
     run(scenario())
 
