@@ -394,6 +394,12 @@ class Engine:
         with self._lock:
             return MappingProxyType(dict(self._plugins))
 
+    def holds(self, plugin: Plugin) -> bool:
+        """True while ``plugin`` is in this engine (False once removed), without copying
+        :attr:`plugins`."""
+        with self._lock:
+            return self._plugins.get(plugin.id) is plugin
+
     def add_plugin(
         self,
         track_id: str,

@@ -751,7 +751,7 @@ class Studio:
             return
 
         def fire(merged: dict[str, Any]) -> None:
-            if session.engine.plugins.get(plugin.id) is not plugin:  # removed meanwhile
+            if not session.engine.holds(plugin):  # removed meanwhile
                 return
             if msg_type == "PLUGIN_PARAMETER":
                 (pid, value), = merged.items()

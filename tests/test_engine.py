@@ -126,7 +126,9 @@ def test_remove_drops_the_processor(engine: Engine, make_engine: Callable[..., E
     dist = track[1]
     uid = dist.recipe.uid
     assert all(b.has(uid) for b in engine._backends.values())
+    assert engine.holds(dist)
     track.remove(dist.id)
+    assert not engine.holds(dist)
     assert len(engine._backends) == 2
     assert not any(b.has(uid) for b in engine._backends.values())
     assert [p.name for p in track] == ["Filter", "Utility"]
