@@ -41,6 +41,7 @@ import json
 import math
 import os
 import pstats
+import random
 import secrets
 import shutil
 import subprocess
@@ -271,6 +272,21 @@ def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[k]
+
+
+def ratio_interval(base: list[float], res: list[float], q: float, n_boot: int = 2000,
+                   seed: int = 1) -> tuple[float, float]:
+    """95% bootstrap interval of pct(res, q) / pct(base, q). Rounds of raw and pluginlab take
+    turns, so sample i of each belongs to the same stretch of time: they are resampled in pairs
+    (independently when the counts differ)."""
+    rng = random.Random(seed)
+    n, m = len(base), len(res)
+    ratios = []
+    for _ in range(n_boot):
+        picks = [rng.randrange(n) for _ in range(n)]
+        other = picks if n == m else [rng.randrange(m) for _ in range(m)]
+        ratios.append(pct([res[i] for i in other], q) / pct([base[i] for i in picks], q))
+    return pct(ratios, 2.5), pct(ratios, 97.5)
 
 
 def median(values: list[float]) -> float:
@@ -582,6 +598,7 @@ async def run(args: argparse.Namespace, tmpdir: str) -> tuple[list[Row], list[st
             proc.stop()
     fan_raw, fan_raw2, fan_0 = (fan.results for fan in fast)
     fan_raw_slow, fan_50 = (fan.results for fan in slow)
+    intervals: list[str] = []
     for name, base, res, target in (
         ("3. fan-out 100, window=0 (3 ms gaps)", fan_raw, fan_0, True),
         ("3b. fan-out 100, window=50ms (75 ms gaps)", fan_raw_slow, fan_50, True),
@@ -593,6 +610,11 @@ async def run(args: argparse.Namespace, tmpdir: str) -> tuple[list[Row], list[st
                         fmt_ms(b99), fmt_ms(p99), f"{p99 / b99:.2f}x",
                         "<= 1.5x" if target else "(info)",
                         ("yes" if p99 <= 1.5 * b99 else "NO") if target else "-"))
+        if target:
+            low, high = ratio_interval(base, res, 99)
+            intervals.append(f"{name.split('.')[0]} {low:.2f}-{high:.2f}x")
+    extra.append(f"fan-out p99 ratio, 95% bootstrap interval over the rounds (how far one run's "
+                 f"figure can move by chance): {'; '.join(intervals)}")
     extra.append("3c: the 'pluginlab' column is the RAW server sending pluginlab's wire traffic "
                  "(PLUGIN_PARAMETER relay + PLUGIN_STATE_UPDATE, same envelope sizes), each frame "
                  "serialized once and sent with one broadcast(): the protocol's own cost.")
