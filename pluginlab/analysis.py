@@ -44,6 +44,7 @@ from .provenance import (
     _open_for_reading,
     format_timestamp,
     parse_timestamp,
+    warn_if_unindexed,
 )
 
 __all__ = [
@@ -111,6 +112,8 @@ def events_frame(
         else os.fspath(source)
     where, args = _where(session_id, user_id, plugin_id, start, end)
     conn = _open_for_reading(path)
+    if not isinstance(source, ProvenanceStore):  # an open store indexes its own journal
+        warn_if_unindexed(path)
     try:
         low, top = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM daid_events").fetchone()
     finally:

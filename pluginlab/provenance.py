@@ -61,9 +61,12 @@ the log: :meth:`~ProvenanceStore.session_state` has them, ``state_at`` (log only
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -72,6 +75,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -104,6 +108,7 @@ __all__ = [
     "ProvenanceStore",
     "SchemaTooNew",
     "StoreClosed",
+    "UnindexedEventsWarning",
     "VerifyResult",
     "apply_event",
     "canonical_json",
@@ -123,6 +128,7 @@ __all__ = [
     "unindexed_events",
     "verify_chain",
     "verify_database",
+    "warn_if_unindexed",
 ]
 
 DAID_PREFIX = "daid"
@@ -784,6 +790,7 @@ def _migration_1(conn: sqlite3.Connection) -> None:
 
 def _migration_2(conn: sqlite3.Connection) -> None:
     """pluginlab's log: chained ``daid_events``, plugin columns, tracks, chain head."""
+    _text_plugin_ids(conn)
     cols = set(_columns(conn, "plugin_configurations"))
     _add_columns(
         conn,
@@ -885,27 +892,139 @@ def _rebuild_heads(conn: sqlite3.Connection) -> None:
     )
 
 
+def _text_plugin_ids(conn: sqlite3.Connection) -> None:
+    """Give ``plugin_configurations`` a TEXT ``id`` if the old system's was an integer key.
+
+    An ``id INTEGER PRIMARY KEY`` (an auto-increment id) cannot hold pluginlab's text ids, so
+    the table is rebuilt with every column, row (ids become their text: ``1`` -> ``'1'``),
+    insertion order, index and trigger kept.
+    """
+    cols = conn.execute("PRAGMA table_info(plugin_configurations)").fetchall()
+    keyed = [c for c in cols if c[5]]
+    if len(keyed) != 1 or keyed[0][1] != "id" or "INT" not in (keyed[0][2] or "").upper():
+        return
+    defs = []
+    for _cid, name, decl, notnull, default, _pk in cols:
+        if name == "id":
+            defs.append('"id" TEXT PRIMARY KEY')
+            continue
+        defs.append(f'"{name}" {decl or ""}' + (" NOT NULL" if notnull else "")
+                    + (f" DEFAULT {default}" if default is not None else ""))
+    extras = [sql for (sql,) in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE tbl_name = 'plugin_configurations' "
+        "AND type IN ('index', 'trigger') AND sql IS NOT NULL")]
+    names = ", ".join(f'"{c[1]}"' for c in cols)
+    values = ", ".join("CAST(id AS TEXT)" if c[1] == "id" else f'"{c[1]}"' for c in cols)
+    conn.execute(f"CREATE TABLE _plugin_configurations_text ({', '.join(defs)})")
+    conn.execute(f"INSERT INTO _plugin_configurations_text({names}) "
+                 f"SELECT {values} FROM plugin_configurations ORDER BY rowid")
+    conn.execute("DROP TABLE plugin_configurations")
+    conn.execute("ALTER TABLE _plugin_configurations_text RENAME TO plugin_configurations")
+    for sql in extras:
+        conn.execute(sql)
+
+
+_JS_DATE = re.compile(r"^\w{3} (\w{3} \d{1,2} \d{4} \d{2}:\d{2}:\d{2}) GMT([+-]\d{4})")
+_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
+
+
+def legacy_timestamp_ms(value: Any) -> int | None:
+    """Epoch milliseconds of an old system's timestamp, or None if it cannot be read.
+
+    Reads ISO-8601 (also SQLite's ``YYYY-MM-DD HH:MM:SS``; no zone = UTC), epoch numbers
+    (``Date.now()`` milliseconds from 1e11 up, else seconds, also as text), RFC 2822 and
+    JavaScript's ``Date.toString()`` (``Sat Mar 01 2025 10:00:00 GMT+0100``).
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)
+    try:
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                return None
+            ms = int(value) if abs(value) >= 1e11 else int(round(value * 1000))
+            datetime.fromtimestamp(ms / 1000, _UTC)  # in datetime's range?
+            return ms
+        if not isinstance(value, str):
+            return None
+        text = value.strip()
+        with contextlib.suppress(ValueError):
+            return _iso_to_ms(text)
+        js = _JS_DATE.match(text)  # before RFC 2822, whose parser would drop the offset
+        if js:
+            moment = datetime.strptime(f"{js.group(1)} {js.group(2)}", "%b %d %Y %H:%M:%S %z")
+            return _to_ms(moment)
+        with contextlib.suppress(TypeError, ValueError, IndexError):
+            return _to_ms(email.utils.parsedate_to_datetime(text))
+    except (OverflowError, OSError, ValueError):
+        pass
+    return None
+
+
+# Columns of an old daid_events beyond the user's five whose values analysis reads from
+# details: copied there when details lacks them (all extra columns are kept, see below).
+_PROMOTED_COLUMNS = ("plugin_id", "track_id", "parameter_id", "value")
+
+
+def _legacy_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """The old ``daid_events`` rows as ``(ms, rowid, id, user_id, action, details, session)``
+    in chain order: by time (rows whose timestamp cannot be read last), then insertion.
+
+    ``details`` is a dict: the old JSON object (anything else under ``legacy_details``), plus
+    ``legacy_timestamp`` when the stored timestamp was not already in pluginlab's form and
+    ``legacy_columns`` with the values of any columns beyond the user's five (nothing is
+    dropped). ``session`` is the row's own ``session_id`` column, else ``details.session_id``,
+    else ``legacy_session``.
+    """
+    base = ("id", "user_id", "action", "details", "timestamp")
+    extra = [c for c in _columns(conn, "daid_events") if c not in base]
+    picked = ", ".join(f'"{c}"' for c in (*base, *extra))
+    rows = []
+    for rowid, daid, user_id, action, details, stamp, *more in conn.execute(
+            f"SELECT rowid, {picked} FROM daid_events"):
+        obj = _loads_or(details, {"legacy_details": details})
+        if not isinstance(obj, dict):
+            obj = {"legacy_details": obj}
+        ms = legacy_timestamp_ms(stamp)
+        if stamp is not None and (ms is None or _iso_ms(ms) != stamp):
+            obj["legacy_timestamp"] = stamp
+        kept = {name: value.hex() if isinstance(value, bytes) else value
+                for name, value in zip(extra, more) if value is not None}
+        if kept:
+            obj["legacy_columns"] = kept
+            for name in _PROMOTED_COLUMNS:
+                if name in kept and name not in obj:
+                    obj[name] = kept[name]
+        session = kept.get("session_id")
+        if not (isinstance(session, str) and session):
+            session = obj.get("session_id")
+        session = session if isinstance(session, str) and session else LEGACY_SESSION
+        rows.append((ms, rowid, daid, user_id, action, obj, session))
+    rows.sort(key=lambda r: (r[0] is None, r[0] or 0, r[1]))
+    return rows
+
+
 def _rebuild_events(conn: sqlite3.Connection) -> None:
     """Rebuild ``daid_events`` in the v2 shape; pre-existing rows get seq + chain, none lost.
 
-    Rows written by the user's own tooling (no entity columns) are kept with their id,
-    ``session_id`` = ``details.session_id`` or ``legacy_session``, no entity/operation, no
-    parents, and are chained in (timestamp, rowid) order.
+    Rows written by the user's own tooling (no entity columns) are kept with their id, no
+    entity/operation and no parents (:func:`_legacy_rows` says what becomes of their session,
+    timestamp and extra columns). Timestamps become pluginlab's ISO form, so time filters
+    compare like with like; one that cannot be read becomes the latest of the migration's
+    time and the previous row's (the original stays in ``details.legacy_timestamp``).
     """
-    old = conn.execute(
-        "SELECT id, user_id, action, details, timestamp FROM daid_events "
-        "ORDER BY timestamp, rowid"
-    ).fetchall()
+    old = _legacy_rows(conn)
     conn.execute("DROP TABLE daid_events")
     conn.execute(_CREATE_EVENTS_V2)
     prev = GENESIS_HASH
-    for seq, (daid, user_id, action, details, stamp) in enumerate(old, start=1):
-        details_obj = _loads_or(details, {"legacy_details": details})
-        if not isinstance(details_obj, dict):
-            details_obj = {"legacy_details": details_obj}
+    migrated_ms = _to_ms(datetime.now(_UTC))
+    last_ms = 0
+    for seq, (ms, _rowid, daid, user_id, action, details_obj, session) in enumerate(
+            old, start=1):
+        last_ms = max(last_ms, ms if ms is not None else migrated_ms)
+        stamp = _iso_ms(last_ms)
         details_json = canonical_json(details_obj)
-        session = details_obj.get("session_id")
-        session = session if isinstance(session, str) and session else LEGACY_SESSION
         parents_json = "[]"
         content = _chain_content(
             seq, str(daid), stamp, str(user_id), session, str(action), None, None, None,
@@ -1020,6 +1139,28 @@ def unindexed_events(path: str | os.PathLike[str]) -> int:
         conn.close()
     head = row[0] if row else 0
     return sum(1 for r in records if isinstance(r[0], int) and r[0] > head)
+
+
+class UnindexedEventsWarning(UserWarning):
+    """Reading a database whose journal holds acknowledged events that a stopped process
+    never indexed: the answer leaves them out until ``pluginlab db migrate`` stores them."""
+
+
+def warn_if_unindexed(path: str | os.PathLike[str], stacklevel: int = 3) -> int:
+    """Warn (:class:`UnindexedEventsWarning`) when reads of ``path`` would miss acknowledged
+    events that are only in its journal; returns their number (0: nothing missing)."""
+    try:
+        pending = unindexed_events(path)
+    except (OSError, PluginlabError, RuntimeError, sqlite3.DatabaseError):
+        return 0  # the read itself reports what is wrong with the file
+    if pending:
+        warnings.warn(
+            f"{os.fspath(path)}: {pending} acknowledged event(s) are only in the journal (a "
+            "process stopped before indexing them) and are missing from what is read here; "
+            f"`pluginlab db migrate {os.fspath(path)}` stores them",
+            UnindexedEventsWarning, stacklevel=stacklevel,
+        )
+    return pending
 
 
 def store_unindexed_events(path: str | os.PathLike[str]) -> int:
@@ -1491,6 +1632,7 @@ class ProvenanceReader(_EventReads):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         _open_for_reading(self.path).close()  # exists and has a schema this code reads
+        warn_if_unindexed(self.path)
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:

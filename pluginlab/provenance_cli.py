@@ -22,17 +22,20 @@ import json
 import os
 import sqlite3
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from .errors import PluginlabError
 from .provenance import (
     SCHEMA_VERSION,
+    UnindexedEventsWarning,
     _open_for_reading,
     migrate_database,
     store_unindexed_events,
     unindexed_events,
     verify_chain,
+    warn_if_unindexed,
 )
 
 __all__ = ["EXPORT_COLUMNS", "EXPORT_FORMATS", "export_events", "main", "register"]
@@ -145,9 +148,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        count = export_events(args.db, args.format, args.out, session_id=args.session)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnindexedEventsWarning)
+            count = export_events(args.db, args.format, args.out, session_id=args.session)
     except (OSError, PluginlabError, RuntimeError, sqlite3.DatabaseError, ValueError) as exc:
         return _fail(str(exc))
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     if args.out:
         print(f"exported {count} events to {args.out}", file=sys.stderr)
     return EXIT_OK
@@ -183,6 +190,7 @@ def export_events(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(EXPORT_FORMATS)})")
     conn = _open_for_reading(db)
+    warn_if_unindexed(db)
     try:
         batches = _batches(conn, session_id)
         if fmt == "parquet":

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from pluginlab.provenance import (
     EventDraft,
     InvalidDaid,
     InvalidEvent,
+    ProvenanceReader,
     ProvenanceStore,
     SchemaTooNew,
     StoreClosed,
@@ -690,6 +693,28 @@ def test_the_cli_reports_and_stores_events_left_in_the_journal(
     conn.close()
 
 
+def test_reads_that_would_miss_journaled_events_say_so(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pluginlab.analysis import events_frame
+
+    kill_after_journaling(db)
+    message = "50 acknowledged event(s) are only in the journal"
+    with pytest.warns(prov.UnindexedEventsWarning, match=re.escape(message)):
+        reader = ProvenanceReader(db)
+    assert reader.count() == 0  # what the tables hold: the warning says what is missing
+    with pytest.warns(prov.UnindexedEventsWarning, match="pluginlab db migrate"):
+        assert len(events_frame(db)) == 0
+    out = tmp_path / "events.csv"
+    assert run_cli("events", "export", str(db), "--format", "csv", "--out", str(out)) == 0
+    assert f"warning: {db}: {message}" in capsys.readouterr().err
+    assert run_cli("db", "migrate", str(db)) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stored now: nothing to warn about
+        assert ProvenanceReader(db).count() == 50
+        assert len(events_frame(db)) == 50
+
+
 def test_a_torn_last_record_was_never_acknowledged_and_is_dropped(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1231,13 +1256,116 @@ def test_migration_keeps_rows_of_a_hand_made_daid_events_table(tmp_path: Path) -
         positions = conn.execute(
             "SELECT id, position FROM plugin_configurations ORDER BY id").fetchall()
     conn.close()
-    assert rows == [(1, "ev1", "amy", "legacy_session", '{"legacy_details":"not json"}'),
-                    (2, "ev2", "bob", "jam", '{"session_id":"jam"}')]
+    assert rows == [
+        (1, "ev1", "amy", "legacy_session",
+         '{"legacy_details":"not json","legacy_timestamp":"2024-01-01 10:00:01"}'),
+        (2, "ev2", "bob", "jam", '{"legacy_timestamp":"2024-01-01 10:00:02","session_id":"jam"}')]
     assert positions == [("a", 0), ("b", 1)]
     assert verify_database(db).ok
     with ProvenanceStore(db) as store:
         assert store.append(auth()).seq == 3
         assert store.verify().ok
+
+
+def test_an_integer_keyed_plugin_table_gets_text_ids(tmp_path: Path) -> None:
+    """The old system's auto-increment ids: pluginlab's own plugins must still be storable."""
+    db = tmp_path / "intid.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE plugin_configurations (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                track_id TEXT, plugin_name TEXT, plugin_path TEXT, parameters JSON,
+                owner TEXT NOT NULL DEFAULT 'lab');
+            CREATE INDEX idx_owner ON plugin_configurations(owner);
+            INSERT INTO plugin_configurations(track_id, plugin_name, parameters)
+                VALUES ('t1', 'Reverb', '{"wet_dry": 0.4}'), ('t1', 'Delay', '{}');
+            """
+        )
+    conn.close()
+    assert migrate_database(db) == (0, SCHEMA_VERSION)
+    with ProvenanceStore(db) as store:
+        store.append(add("p_new", "t9", session="jam"))
+        store.flush()  # the indexer writes the new plugin's row: it used to fail here
+        assert [p["plugin_id"] for p in store.session_state("jam")["t9"]] == ["p_new"]
+        legacy = store.session_state("legacy_session")["t1"]
+        assert [(p["plugin_id"], p["parameters"]) for p in legacy] == [
+            ("1", {"wet_dry": 0.4}), ("2", {})]
+    with ProvenanceStore(db) as store:  # and it opens again
+        assert store.count() == 1 and store.verify().ok
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, daid_id, owner, position FROM plugin_configurations "
+                            "WHERE session_id = 'legacy_session' ORDER BY rowid").fetchall()
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(plugin_configurations)")}
+    conn.close()
+    assert rows == [("1", "daid_1", "lab", 0), ("2", "daid_2", "lab", 1)]
+    assert "idx_owner" in indexes
+
+
+def test_migration_reads_the_old_systems_timestamps(tmp_path: Path) -> None:
+    """Epoch numbers, SQLite's and JavaScript's formats become pluginlab's ISO form, so time
+    filters work on old rows; unreadable ones are kept, last, with their original text."""
+    db = tmp_path / "stamps.sqlite"
+    rows = [("e_ms", 1740823200000),  # Date.now(): 2025-03-01T10:00:00Z
+            ("e_s", 1740816000),  # seconds: 08:00
+            ("e_text_ms", "1740826800000"),  # 11:00 (stored as a number: NUMERIC affinity)
+            ("e_sqlite", "2025-03-01 12:00:00"),
+            ("e_js", "Sat Mar 01 2025 14:00:00 GMT+0100 (Central European Standard Time)"),
+            ("e_rfc", "Sat, 01 Mar 2025 09:00:00 +0000"),
+            ("e_iso", "2025-03-02T00:00:00.000Z"),
+            ("e_bad", "last tuesday"),
+            ("e_none", None)]
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE daid_events (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+                     "action TEXT NOT NULL, details JSON, timestamp TIMESTAMP)")
+        conn.executemany("INSERT INTO daid_events VALUES (?, 'ann', 'legacy', '{}', ?)", rows)
+    conn.close()
+    assert run_cli("db", "migrate", str(db)) == 0
+    with ProvenanceStore(db) as store:
+        events = store.events()
+        got = [(e.daid, e.timestamp, e.details.get("legacy_timestamp")) for e in events]
+        assert got[:7] == [
+            ("e_s", "2025-03-01T08:00:00.000Z", 1740816000),
+            ("e_rfc", "2025-03-01T09:00:00.000Z", "Sat, 01 Mar 2025 09:00:00 +0000"),
+            ("e_ms", "2025-03-01T10:00:00.000Z", 1740823200000),
+            ("e_text_ms", "2025-03-01T11:00:00.000Z", 1740826800000),
+            ("e_sqlite", "2025-03-01T12:00:00.000Z", "2025-03-01 12:00:00"),
+            ("e_js", "2025-03-01T13:00:00.000Z", rows[4][1]),
+            ("e_iso", "2025-03-02T00:00:00.000Z", None),  # already in our form: untouched
+        ]
+        assert [(e.daid, e.details.get("legacy_timestamp")) for e in events[7:]] == [
+            ("e_bad", "last tuesday"), ("e_none", None)]
+        assert all(e.timestamp > "2026" for e in events[7:])  # the migration's time
+        window = store.events(start="2025-03-01T10:00:00Z", end="2025-03-01T12:30:00Z")
+        assert [e.daid for e in window] == ["e_ms", "e_text_ms", "e_sqlite"]
+        assert store.append(auth()).seq == len(rows) + 1
+        assert store.verify().ok
+
+
+def test_migration_keeps_extra_columns_of_an_old_event_table(tmp_path: Path) -> None:
+    db = tmp_path / "extra.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE daid_events (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, "
+                     "action TEXT NOT NULL, details JSON, timestamp TIMESTAMP, session_id TEXT, "
+                     "plugin_id TEXT, ip TEXT, note BLOB)")
+        conn.execute("INSERT INTO daid_events VALUES ('daid_1', 'ann', 'parameter_update', "
+                      "'{\"value\": 1}', '2025-01-01T00:00:00.000Z', 'jam', 'p7', '10.0.0.1', "
+                      "x'00ff')")
+        conn.execute("INSERT INTO daid_events VALUES ('daid_2', 'bob', 'parameter_update', "
+                      "'{\"plugin_id\": \"own\"}', '2025-01-01T00:00:01.000Z', NULL, 'p8', "
+                      "NULL, NULL)")
+    conn.close()
+    assert migrate_database(db) == (0, SCHEMA_VERSION)
+    with ProvenanceStore(db) as store:
+        first, second = store.events()
+    assert first.session_id == "jam"  # the row's own column, not legacy_session
+    assert first.details == {"value": 1, "plugin_id": "p7", "legacy_columns": {
+        "session_id": "jam", "plugin_id": "p7", "ip": "10.0.0.1", "note": "00ff"}}
+    assert second.session_id == "legacy_session"
+    assert second.details == {"plugin_id": "own", "legacy_columns": {"plugin_id": "p8"}}
+    with sqlite3.connect(db) as conn:  # analysis columns see the promoted plugin id
+        assert conn.execute("SELECT plugin_id FROM daid_events ORDER BY seq").fetchall() == [
+            ("p7",), ("own",)]
+    conn.close()
 
 
 def test_opening_a_fresh_file_creates_the_current_schema(db: Path) -> None:
