@@ -490,15 +490,27 @@ def _empty_frame() -> pd.DataFrame:
 # Helpers on the frame
 
 
-def parameter_history(frame: pd.DataFrame, plugin_id: str, parameter_id: str) -> pd.DataFrame:
+def parameter_history(frame: pd.DataFrame, plugin_id: str, parameter_id: str,
+                      session_id: str | None = None) -> pd.DataFrame:
     """The value history of one parameter: rows ``timestamp, seq, daid, user_id, value``.
 
     In seq order. The plugin's creation (``plugin_add``) and preset loads count as changes
     too, so the history starts at the value the plugin was created with. ``daid`` pins a row
     exactly for ``ProvenanceStore.state_at(session, daid=...)`` (timestamps have ms
     resolution and several events can share one).
+
+    Plugin ids are unique per session only: when ``frame`` holds a ``plugin_id`` in several
+    sessions, ``session_id`` must say which (ValueError naming them otherwise).
     """
     of_plugin = frame[frame["plugin_id"] == plugin_id]
+    if session_id is not None:
+        of_plugin = of_plugin[of_plugin["session_id"] == session_id]
+    else:
+        sessions = _sorted_unique(of_plugin["session_id"].dropna())
+        if len(sessions) > 1:
+            raise ValueError(
+                f"plugin {plugin_id!r} exists in sessions {', '.join(map(repr, sessions))}: "
+                "pass session_id= (or a frame of one session)")
     updates = of_plugin[
         (of_plugin["action"] == "parameter_update") & (of_plugin["parameter_id"] == parameter_id)
     ]
@@ -577,20 +589,24 @@ def plot_parameter_timeline(
 
     A line is drawn for every parameter changed alone or by a preset load; its values are
     :func:`parameter_history` (so it starts at the plugin's creation value and follows preset
-    loads)."""
+    loads). Plugins of different sessions are different lines, labelled with their session
+    when ``frame`` holds several."""
     scoped = frame if plugin_id is None else frame[frame["plugin_id"] == plugin_id]
     wanted = None if parameters is None else set(parameters)
     histories = {
-        pair: parameter_history(frame, *pair)
-        for pair in sorted(_changed_parameters(scoped))
-        if wanted is None or pair[1] in wanted
+        key: parameter_history(frame, key[1], key[2], session_id=key[0])
+        for key in sorted(_changed_parameters(scoped))
+        if wanted is None or key[2] in wanted
     }
+    several = len({session for session, _plugin, _parameter in histories}) > 1
     figure, axes = _figure()
     ax: Axes = axes[0, 0]
     users = sorted({str(u) for rows in histories.values() for u in rows["user_id"].dropna()})
     user_colors = {u: f"C{i % 10}" for i, u in enumerate(users)}
-    for (plugin, parameter), rows in histories.items():
+    for (session, plugin, parameter), rows in histories.items():
         label = str(parameter) if plugin_id is not None else f"{plugin}.{parameter}"
+        if several:
+            label = f"{session}: {label}"
         ax.step(rows["timestamp"], rows["value"], where="post", label=label, color="0.35",
                 linewidth=1.2)
         ax.scatter(rows["timestamp"], rows["value"], s=14, zorder=3,
@@ -604,15 +620,16 @@ def plot_parameter_timeline(
     return figure
 
 
-def _changed_parameters(frame: pd.DataFrame) -> set[tuple[str, str]]:
-    """(plugin_id, parameter_id) pairs set by a parameter update or a preset load."""
+def _changed_parameters(frame: pd.DataFrame) -> set[tuple[str, str, str]]:
+    """(session_id, plugin_id, parameter_id) set by a parameter update or a preset load."""
     updates = frame[frame["action"] == "parameter_update"]
-    pairs = {(str(p), str(q)) for p, q in zip(updates["plugin_id"], updates["parameter_id"])}
+    keys = {(str(s), str(p), str(q)) for s, p, q in
+            zip(updates["session_id"], updates["plugin_id"], updates["parameter_id"])}
     loads = frame[frame["action"] == "preset_load"]
-    for plugin, details in zip(loads["plugin_id"], loads["details"]):
+    for session, plugin, details in zip(loads["session_id"], loads["plugin_id"], loads["details"]):
         if isinstance(details, dict) and isinstance(details.get("parameters"), dict):
-            pairs.update((str(plugin), str(q)) for q in details["parameters"])
-    return pairs
+            keys.update((str(session), str(plugin), str(q)) for q in details["parameters"])
+    return keys
 
 
 def plot_activity(frame: pd.DataFrame) -> Figure:

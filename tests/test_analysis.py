@@ -258,6 +258,26 @@ def test_parameter_history(store: ProvenanceStore) -> None:
     assert parameter_history(events_frame(store), "dly", "nope").empty
 
 
+def test_one_plugin_id_in_two_sessions_is_two_histories(tmp_path: Path) -> None:
+    """Servers number plugins per session (plugin_1 in every session): never one line."""
+    with ProvenanceStore(tmp_path / "two.sqlite") as s:
+        for session, user, values in (("a", "ann", [0.1, 0.2]), ("b", "ben", [0.9, 0.8])):
+            s.append(add("plugin_1", "t", session, user, wet_dry=0.5))
+        for k in range(2):
+            for session, user, values in (("a", "ann", [0.1, 0.2]), ("b", "ben", [0.9, 0.8])):
+                s.append(param("plugin_1", "t", "wet_dry", values[k], session, user))
+        frame = events_frame(s)
+    with pytest.raises(ValueError, match="sessions 'a', 'b'.*session_id="):
+        parameter_history(frame, "plugin_1", "wet_dry")
+    only_b = parameter_history(frame, "plugin_1", "wet_dry", session_id="b")
+    assert list(only_b["value"]) == [0.5, 0.9, 0.8] and set(only_b["user_id"]) == {"ben"}
+    one_session = events_frame(tmp_path / "two.sqlite", session_id="a")
+    assert list(parameter_history(one_session, "plugin_1", "wet_dry")["value"]) == [0.5, 0.1, 0.2]
+    ax = plot_parameter_timeline(frame, plugin_id="plugin_1").axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    assert lines == {"a: wet_dry": [0.5, 0.1, 0.2], "b: wet_dry": [0.5, 0.9, 0.8]}
+
+
 def test_activity_summary(store: ProvenanceStore) -> None:
     frame = events_frame(store)
     by_user = activity_summary(frame)
@@ -298,8 +318,9 @@ def test_parameter_timeline_has_one_line_per_parameter(store: ProvenanceStore) -
     ax = figure.axes[0]
     assert len(ax.lines) == 3  # rev.wet_dry, rev.room_size, dly.mix
     labels = ax.get_legend().get_texts()
-    assert {t.get_text() for t in labels} >= {"rev.wet_dry", "rev.room_size", "dly.mix",
-                                               "user: alice", "user: bob", "user: carol"}
+    assert {t.get_text() for t in labels} >= {"s1: rev.wet_dry", "s1: rev.room_size",
+                                               "s2: dly.mix", "user: alice", "user: bob",
+                                               "user: carol"}
     only_rev = plot_parameter_timeline(frame, plugin_id="rev").axes[0]
     assert len(only_rev.lines) == 2
     one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes[0]
