@@ -183,8 +183,9 @@ class Lab:
         await self.request("USER_CURSOR_UPDATE", fields)
 
     async def render(self, seconds: float, track_id: str | None = None) -> Any:
-        """Render without blocking the kernel's loop (the server keeps serving)."""
-        return await self.engine.render_async(seconds, track_id=track_id)
+        """Render without blocking the kernel's loop (the server keeps serving); the render
+        is recorded as a DAID ``render`` event (see :meth:`Studio.render`)."""
+        return await self.studio.render(self.conn, seconds, track_id)
 
     # -- widgets --------------------------------------------------------------------------------
     def panel(self, plugin: Plugin | str) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import itertools
 import logging
 import uuid
@@ -29,6 +30,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .auth import Authenticator, Identity
 from .config import ServerConfig
@@ -262,6 +265,30 @@ class Studio:
         request = parse(frame)
         reply = await self._dispatch(conn, request)
         return reply["data"] if reply else {}
+
+    async def render(self, conn: Connection, seconds: float, track_id: str | None = None
+                     ) -> np.ndarray:
+        """Render ``conn``'s session (one track, or the mix) without blocking the loop, and
+        record it as a ``render`` event (PROTOCOL.md: renders are logged) whose details say
+        what was rendered and fingerprint the audio: ``track_id`` (None = the mix),
+        ``seconds``, ``sample_rate``, ``channels``, ``samples``, ``peak``, ``rms`` and
+        ``audio_sha256`` (of the float32 samples). Its place in the log pins the state that
+        was rendered (``state_at(session, daid=...)``)."""
+        session = self._session_of(conn)
+        audio = await session.engine.render_async(seconds, track_id=track_id)
+        samples = np.ascontiguousarray(audio, dtype=np.float32)
+        details = {
+            "track_id": track_id, "seconds": float(seconds),
+            "sample_rate": session.engine.sample_rate, "channels": int(samples.shape[0]),
+            "samples": int(samples.shape[-1]),
+            "peak": float(np.max(np.abs(samples))) if samples.size else 0.0,
+            "rms": float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+            if samples.size else 0.0,
+            "audio_sha256": hashlib.sha256(samples.tobytes()).hexdigest(),
+        }
+        await self._record(conn, [self._draft(conn, "render", "render", track_id or "mix",
+                                              "render", details)])
+        return audio
 
     async def authenticate_handshake(
         self, conn: Connection, token: str | None, session_id: str | None

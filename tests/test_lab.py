@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import html
 import threading
 import warnings
@@ -421,6 +422,35 @@ def test_track_panel_renders_audio_into_its_output(tmp_path: Path) -> None:
             await eventually(lambda: panel.last_audio is not None
                              and panel.last_audio.shape[1] == 11025)
             panel.close()
+
+    run(scenario())
+
+
+def test_renders_are_recorded_with_a_fingerprint_of_the_audio(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_lab(tmp_path) as lab:
+            reverb = await lab.add_plugin("drums", "Reverb")
+            await lab.set(reverb, "wet_dry", 0.7)
+            audio = await lab.render(0.5, "drums")
+            lab.store.flush()
+            event = lab.store.events("nb", action="render")[-1]
+            assert (event.entity_type, event.entity_id, event.operation, event.user_id) == (
+                "render", "drums", "render", "notebook")
+            d = event.details
+            assert (d["track_id"], d["seconds"], d["sample_rate"], d["channels"],
+                    d["samples"]) == ("drums", 0.5, 44100, 2, 22050)
+            samples = np.ascontiguousarray(audio, dtype=np.float32)
+            assert d["audio_sha256"] == hashlib.sha256(samples.tobytes()).hexdigest()
+            assert d["peak"] == pytest.approx(float(np.abs(audio).max()))
+            assert d["rms"] == pytest.approx(float(np.sqrt(np.mean(audio.astype(float) ** 2))))
+            # its place in the log pins the state that was rendered
+            state = lab.store.state_at("nb", daid=event.daid)
+            assert state["drums"][0]["parameters"]["wet_dry"] == 0.7
+            await lab.render(0.25)  # the mix: entity "mix", chained after the track's render
+            mix = lab.store.events("nb", action="render")[-1]
+            assert (mix.entity_id, mix.details["track_id"], mix.details["samples"]) == (
+                "mix", None, 11025)
+            assert lab.store.verify().ok
 
     run(scenario())
 
