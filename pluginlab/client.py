@@ -27,7 +27,12 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from .messages import HANDSHAKE_ID
 
-__all__ = ["Client", "ClientError"]
+__all__ = ["CLIENT_MAX_SIZE", "Client", "ClientError"]
+
+# Largest frame the client accepts (websockets' default is 1 MiB). The server takes frames up
+# to 1 MiB from each client, and what it sends on can be larger (an envelope around a relayed
+# near-limit cursor, a big session's snapshot): the server's member buffer limit is 16 MiB.
+CLIENT_MAX_SIZE = 16 * 2**20
 
 Predicate = Callable[[dict[str, Any]], bool]
 
@@ -49,7 +54,9 @@ class Client:
     ``token`` (and ``session_id``) authenticate at the handshake: :meth:`connect` then returns
     once the server has joined the session, with ``user_id``, ``session_id`` and ``snapshot``
     filled, or raises ClientError. The server's answer is kept in ``handshake`` (also when
-    a token came in an ``Authorization`` header), not among the broadcasts.
+    a token came in an ``Authorization`` header), not among the broadcasts. Frames up to
+    :data:`CLIENT_MAX_SIZE` are accepted (``max_size=`` and other ``connect_kwargs`` go to
+    ``websockets.connect``).
     """
 
     def __init__(self, url: str, *, token: str | None = None, session_id: str | None = None,
@@ -60,7 +67,8 @@ class Client:
             url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
         self.url = url
         self.timeout = timeout
-        self._connect_kwargs = {"proxy": None, "compression": None, **connect_kwargs}
+        self._connect_kwargs = {"proxy": None, "compression": None,
+                                "max_size": CLIENT_MAX_SIZE, **connect_kwargs}
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}

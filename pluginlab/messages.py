@@ -28,6 +28,7 @@ __all__ = [
     "Request",
     "decode_strict",
     "dumps",
+    "dumps_ascii",
     "envelope",
     "now_iso",
     "parse",
@@ -310,9 +311,19 @@ def envelope(
     return message
 
 
-_ENCODE = reusable(json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str))
+_ENCODE = reusable(json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str,
+                                    ensure_ascii=False))
+_ENCODE_ASCII = reusable(json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str))
 
 
 def dumps(message: dict[str, Any]) -> str:
-    """Compact strict JSON (never emits NaN/Infinity)."""
+    """Compact strict JSON (never emits NaN/Infinity). Non-ASCII text stays text (a frame's
+    UTF-8 is then about as long as what the client sent, not up to 6x longer as ``\\uXXXX``
+    escapes); a lone surrogate stays in the string (see ``server._text_frame``)."""
     return _ENCODE(message)
+
+
+def dumps_ascii(message: dict[str, Any]) -> str:
+    """:func:`dumps` with every non-ASCII character escaped, so a lone surrogate reaches
+    :func:`parse` as the escape it refuses."""
+    return _ENCODE_ASCII(message)

@@ -381,8 +381,13 @@ class _Recent(Generic[K, V]):
 def _text_frame(text: str) -> bytes:
     """The wire bytes of an unmasked, uncompressed, final text frame carrying ``text``
     (RFC 6455 section 5.2; equal to websockets' ``Frame(Opcode.TEXT, ...).serialize(mask=False)``,
-    which a test checks, at a tenth of its cost)."""
-    payload = text.encode()
+    which a test checks, at a tenth of its cost). A lone surrogate (only possible in a JSON
+    string: e.g. a file name that is not UTF-8) is sent as its ``\\udcXX`` escape, which is
+    what an ASCII-only encoder would have written."""
+    try:
+        payload = text.encode()
+    except UnicodeEncodeError:
+        payload = text.encode("utf-8", "backslashreplace")
     n = len(payload)
     if n < 126:
         return bytes((0x81, n)) + payload

@@ -48,7 +48,15 @@ from .errors import (
     UnknownMessageType,
 )
 from .limits import SlidingWindow, Throttle
-from .messages import LEGACY_TYPES, Request, decode_strict, dumps, envelope, now_iso, parse
+from .messages import (
+    LEGACY_TYPES,
+    Request,
+    decode_strict,
+    dumps_ascii,
+    envelope,
+    now_iso,
+    parse,
+)
 from .presets import PresetLibrary
 from .provenance import EventDraft
 
@@ -261,7 +269,8 @@ class Studio:
         Same validation, recording and broadcasts as the wire path; the reply is returned
         instead of being sent.
         """
-        frame = dumps({"id": f"py_{uuid.uuid4().hex[:12]}", "type": msg_type, "data": data})
+        frame = dumps_ascii({"id": f"py_{uuid.uuid4().hex[:12]}", "type": msg_type,
+                             "data": data})
         request = parse(frame)
         reply = await self._dispatch(conn, request)
         return reply["data"] if reply else {}
@@ -358,7 +367,9 @@ class Studio:
     ) -> dict[str, Any]:
         identity = self._verify(conn, token, claimed_user, anonymous_user)
         if session_id is None:
-            if identity.sessions:
+            if conn.session_id is not None and identity.may_join(conn.session_id):
+                session_id = conn.session_id  # a re-AUTH naming no session stays where it is
+            elif identity.sessions:
                 session_id = identity.sessions[0]
             elif anonymous_user or (not token and self.config.allow_anonymous):
                 session_id = f"anonymous_{uuid.uuid4().hex}"

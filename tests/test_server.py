@@ -832,6 +832,47 @@ def test_frame_too_big_closes_only_that_connection(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_near_limit_relay_reaches_members_intact(tmp_path: Path) -> None:
+    """A cursor of 200k non-ASCII characters (~600 KB, under the 1 MiB frame limit) reaches
+    a Python Client and a raw websockets member (default 1 MiB limit) without dropping them:
+    text goes out as UTF-8, not as 6-byte escapes that doubled it past the limit."""
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
+            async with ws_connect(server.url, proxy=None) as raw:  # websockets' defaults
+                await raw.send(json.dumps({"type": "AUTH", "data": {
+                    "token": server.token("carol"), "session_id": "jam"}}))
+                assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
+                label = "\u2713" * 200_000
+                await a.send_raw(json.dumps({"type": "USER_CURSOR_UPDATE", "data": {
+                    "position": {"label": label}}}, ensure_ascii=False))  # as browsers send
+                relay = await b.wait_for("USER_CURSOR_UPDATE")
+                assert relay["data"]["position"]["label"] == label
+                while True:
+                    frame = await asyncio.wait_for(raw.recv(), 10)
+                    if '"USER_CURSOR_UPDATE"' in frame:
+                        break
+                assert len(frame.encode()) < 620_000  # ~3 bytes per character, not 6
+                assert json.loads(frame)["data"]["position"]["label"] == label
+                assert (await b.request("PING", {}))["type"] == "PONG"  # still connected
+                await raw.send(json.dumps({"type": "PING"}))
+                assert json.loads(await raw.recv())["type"] == "PONG"
+
+    run(scenario())
+
+
+def test_a_lone_surrogate_in_outgoing_text_is_sent_as_its_escape() -> None:
+    """Strings from the file system can hold lone surrogates (a file name that is not
+    UTF-8); the frame must still be valid UTF-8 and decode to the same JSON."""
+    from pluginlab.messages import dumps
+    from pluginlab.server import _text_frame
+
+    text = dumps({"preset": "bad\udc80name", "ok": "\u00e9"})
+    frame = _text_frame(text)
+    payload = frame[2:]
+    assert payload == '{"preset":"bad\\udc80name","ok":"\u00e9"}'.encode()
+    assert json.loads(payload.decode("utf-8")) == {"preset": "bad\udc80name", "ok": "\u00e9"}
+
+
 # == 5. flood =============================================================================
 
 def test_flood_from_one_client_does_not_starve_another(tmp_path: Path) -> None:

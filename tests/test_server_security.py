@@ -384,6 +384,33 @@ def test_handshake_token_in_query_or_header(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_an_auth_naming_no_session_keeps_the_connection_where_it_is(tmp_path: Path) -> None:
+    """A front end that adds ?token= but keeps the seed's AUTH-on-open (token and user_id,
+    no session) stays in its session: nobody sees it leave, its work goes on."""
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice") as (a,):
+            pid = (await a.add_plugin("t1", "Reverb"))["plugin_id"]
+            async with Client(server.url, token=server.token("bob"), session_id="jam") as bob:
+                await a.wait_for("PRESENCE", lambda m: m["data"]["event"] == "joined")
+                again = await bob.authenticate(server.token("bob"), user_id="bob")
+                assert again["session_id"] == "jam"
+                assert [p["plugin_id"] for p in again["snapshot"]["tracks"]["t1"]] == [pid]
+                assert (await bob.set_parameter("t1", pid, "wet_dry", 0.4))["success"]
+                await a.wait_for("PLUGIN_STATE_UPDATE")
+                assert a.received("PRESENCE") == []  # no left, no second joined
+                # a token limited to other sessions still moves to its first one
+                other = await bob.authenticate(server.token("bob", sessions=["solo"]))
+                assert other["session_id"] == "solo"
+            fresh = await Client(server.url).connect()  # never joined: a new session
+            try:
+                first = await fresh.authenticate(server.token("dave"))
+                assert first["session_id"].startswith("session_")
+            finally:
+                await fresh.close()
+
+    run(scenario())
+
+
 async def _until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0.01)
