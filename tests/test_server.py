@@ -837,25 +837,25 @@ def test_a_near_limit_relay_reaches_members_intact(tmp_path: Path) -> None:
     a Python Client and a raw websockets member (default 1 MiB limit) without dropping them:
     text goes out as UTF-8, not as 6-byte escapes that doubled it past the limit."""
     async def scenario() -> None:
-        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
-            async with ws_connect(server.url, proxy=None) as raw:  # websockets' defaults
-                await raw.send(json.dumps({"type": "AUTH", "data": {
-                    "token": server.token("carol"), "session_id": "jam"}}))
-                assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
-                label = "\u2713" * 200_000
-                await a.send_raw(json.dumps({"type": "USER_CURSOR_UPDATE", "data": {
-                    "position": {"label": label}}}, ensure_ascii=False))  # as browsers send
-                relay = await b.wait_for("USER_CURSOR_UPDATE")
-                assert relay["data"]["position"]["label"] == label
-                while True:
-                    frame = await asyncio.wait_for(raw.recv(), 10)
-                    if '"USER_CURSOR_UPDATE"' in frame:
-                        break
-                assert len(frame.encode()) < 620_000  # ~3 bytes per character, not 6
-                assert json.loads(frame)["data"]["position"]["label"] == label
-                assert (await b.request("PING", {}))["type"] == "PONG"  # still connected
-                await raw.send(json.dumps({"type": "PING"}))
-                assert json.loads(await raw.recv())["type"] == "PONG"
+        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b), \
+                ws_connect(server.url, proxy=None) as raw:  # websockets' default limits
+            await raw.send(json.dumps({"type": "AUTH", "data": {
+                "token": server.token("carol"), "session_id": "jam"}}))
+            assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
+            label = "\u2713" * 200_000
+            await a.send_raw(json.dumps({"type": "USER_CURSOR_UPDATE", "data": {
+                "position": {"label": label}}}, ensure_ascii=False))  # as browsers send
+            relay = await b.wait_for("USER_CURSOR_UPDATE")
+            assert relay["data"]["position"]["label"] == label
+            while True:
+                frame = await asyncio.wait_for(raw.recv(), 10)
+                if '"USER_CURSOR_UPDATE"' in frame:
+                    break
+            assert len(frame.encode()) < 620_000  # ~3 bytes per character, not 6
+            assert json.loads(frame)["data"]["position"]["label"] == label
+            assert (await b.request("PING", {}))["type"] == "PONG"  # still connected
+            await raw.send(json.dumps({"type": "PING"}))
+            assert json.loads(await raw.recv())["type"] == "PONG"
 
     run(scenario())
 
