@@ -13,6 +13,7 @@ Contracts (PROTOCOL.md, *Authentication and authorization*):
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -28,6 +29,7 @@ from .errors import AuthFailed
 __all__ = ["PERMISSIONS", "AuthConfig", "Authenticator", "Identity", "generate_secret"]
 
 PERMISSIONS = ("plugin:read", "plugin:write", "plugin:add", "plugin:remove")
+log = logging.getLogger("pluginlab.auth")
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 
 
@@ -160,8 +162,11 @@ class Authenticator:
             window.append(now)
             while window and window[0] <= now - self.config.failure_window:
                 window.popleft()
-            if len(window) >= self.config.max_failures:
+            if 0 < self.config.max_failures <= len(window):  # 0: never block
                 self._blocked_until[address] = now + self.config.block_seconds
+                log.warning("address %s blocked for %g s after %d failed AUTHs within %g s",
+                            address, self.config.block_seconds, len(window),
+                            self.config.failure_window)
                 window.clear()
 
     def record_success(self, address: str) -> None:

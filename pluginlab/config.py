@@ -9,12 +9,20 @@ switches every rate limit off (for benchmarks).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["FLAG_ENV", "ServerConfig"]
+__all__ = ["FLAG_ENV", "JWT_ALGORITHMS", "ServerConfig"]
+
+JWT_ALGORITHMS = ("HS256", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+# Limits where 0 means "no limit" (negative values are refused).
+_LIMITS = ("messages_per_second", "parameter_changes_per_second", "plugin_ops_per_second",
+           "cursor_updates_per_second", "connections_per_user", "auth_max_failures")
+# Durations in seconds: finite and >= 0.
+_SECONDS = ("jwt_leeway", "auth_failure_window", "auth_block_seconds", "debounce_window")
 
 FLAG_ENV = {
     "enable_new_plugin_system": "ENABLE_NEW_PLUGIN_SYSTEM",
@@ -63,6 +71,44 @@ class ServerConfig:
     enable_parameter_batching: bool = True
     allow_anonymous: bool = False
 
+    def __post_init__(self) -> None:
+        """Refuse values that cannot work (ValueError naming the option), so a typo fails at
+        start-up instead of changing behaviour silently."""
+        problems = [p for p in self._problems() if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        found = []
+        for name in _LIMITS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                found.append(f"{name} must be a whole number >= 0 (0 = no limit), got {value!r}")
+        for name in _SECONDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value) or value < 0:
+                found.append(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        for name in ("max_frame", "max_send_buffer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                found.append(f"{name} must be a number of bytes >= 1, got {value!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            found.append(f"port must be 0..65535 (0 = any free port), got {self.port!r}")
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            found.append(f"path must start with '/', got {self.path!r}")
+        if self.jwt_algorithm is not None and self.jwt_algorithm not in JWT_ALGORITHMS:
+            found.append(f"jwt_algorithm must be one of {', '.join(JWT_ALGORITHMS)}, "
+                         f"got {self.jwt_algorithm!r}")
+        if self.jwt_secret and self.jwt_public_key:
+            found.append("give jwt_secret (HS256) or jwt_public_key (RS/ES), not both")
+        elif self.jwt_algorithm and self.jwt_algorithm.startswith("HS") and self.jwt_public_key:
+            found.append(f"jwt_algorithm {self.jwt_algorithm} needs a secret, not a public key")
+        elif self.jwt_algorithm and not self.jwt_algorithm.startswith("HS") \
+                and not self.jwt_public_key:
+            found.append(f"jwt_algorithm {self.jwt_algorithm} needs jwt_public_key")
+        return found
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
         """Defaults, then environment variables, then ``overrides`` (None values ignored)."""
@@ -87,8 +133,11 @@ def _convert(name: str, raw: str, type_name: Any) -> Any:
         if low in _FALSE:
             return False
         raise ValueError(f"{name}: expected true/false, got {raw!r}")
-    if "int" in text and "None" not in text:
-        return int(raw)
-    if "float" in text:
-        return float(raw)
+    try:
+        if "int" in text and "None" not in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
     return raw

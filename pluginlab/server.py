@@ -53,11 +53,13 @@ READ_PAUSE = 1024 * 1024  # bytes of replies queued to a client: read no more of
 
 
 def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
-    """The authenticator for ``config``; True when a secret had to be generated."""
-    public_key = config.jwt_public_key
-    if public_key and os.path.exists(public_key):
-        with open(public_key) as fh:
-            public_key = fh.read()
+    """The authenticator for ``config``; True when a secret had to be generated.
+
+    A public key is read and checked here (ValueError saying what is wrong): a mistyped
+    path or a key that does not suit ``jwt_algorithm`` would otherwise refuse every token
+    at AUTH, and block every address after a few tries, while the server looked healthy."""
+    public_key = load_public_key(config.jwt_public_key, config.jwt_algorithm) \
+        if config.jwt_public_key else None
     generated = not config.jwt_secret and not public_key
     secret = config.jwt_secret or (None if public_key else generate_secret())
     auth = Authenticator(AuthConfig(
@@ -66,6 +68,33 @@ def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
         failure_window=config.auth_failure_window, block_seconds=config.auth_block_seconds,
     ))
     return auth, generated
+
+
+def load_public_key(value: str, algorithm: str | None = None) -> str:
+    """PEM text of a public key given as PEM text or a path to a PEM file (ValueError if it
+    is neither, is no public key, or is RSA/EC where ``algorithm`` wants the other)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    text = value
+    if "-----BEGIN" not in value:
+        if not os.path.isfile(value):
+            raise ValueError(f"jwt_public_key: no such file {value!r} (give a PEM file or "
+                             "PEM text)")
+        with open(value, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    try:
+        key = load_pem_public_key(text.encode())
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"jwt_public_key: not a PEM public key ({exc})") from None
+    kind = "RS" if isinstance(key, rsa.RSAPublicKey) else \
+        "ES" if isinstance(key, ec.EllipticCurvePublicKey) else None
+    if kind is None:
+        raise ValueError("jwt_public_key: only RSA (RS256) and EC (ES256) keys are supported")
+    if algorithm and not algorithm.startswith(kind):
+        raise ValueError(f"jwt_public_key is an {'RSA' if kind == 'RS' else 'EC'} key, which "
+                         f"cannot verify {algorithm} tokens")
+    return text
 
 
 class PluginServer:
@@ -99,7 +128,9 @@ class PluginServer:
     @property
     def url(self) -> str:
         """``ws://host:port/ws`` once started."""
-        return f"ws://{self.config.host}:{self.port}{self.config.path}"
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address needs brackets
+        return f"ws://{host}:{self.port}{self.config.path}"
 
     def token(self, user_id: str, **kwargs: Any) -> str:
         """Issue a token this server accepts (see :meth:`Authenticator.issue`)."""
@@ -109,11 +140,16 @@ class PluginServer:
         """Bind and start serving on the running loop (``port=0`` picks a free port)."""
         if self._server is not None:
             return self
-        self._server = await serve(
-            self._handle, self.config.host, self.config.port,
-            process_request=self._process_request, max_size=self.config.max_frame,
-            compression=None, ping_interval=20, ping_timeout=20,
-        )
+        try:
+            self._server = await serve(
+                self._handle, self.config.host, self.config.port,
+                process_request=self._process_request, max_size=self.config.max_frame,
+                compression=None, ping_interval=20, ping_timeout=20,
+            )
+        except OSError as exc:  # port in use, unknown host: release the store, say where
+            await self.stop()
+            raise OSError(exc.errno, f"cannot listen on {self.config.host}:{self.config.port}: "
+                                     f"{exc.strerror or exc}") from exc
         sock = next(iter(self._server.sockets))
         self.port = int(sock.getsockname()[1])
         return self

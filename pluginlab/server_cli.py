@@ -11,30 +11,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 from dataclasses import fields
 from typing import Any
 
-from .config import ServerConfig
+from .config import FLAG_ENV, ServerConfig
 
 __all__ = ["register"]
+
+
+_UNITS = {
+    "port": "0 = any free port", "path": "must start with /", "db": "'' = no database",
+    "max_frame": "bytes", "max_send_buffer": "bytes queued to a member that does not read",
+    "jwt_public_key": "PEM text or file (RS/ES); not together with a secret",
+    "jwt_algorithm": "HS256 | RS256 | ES256 | ...", "jwt_leeway": "seconds",
+    "auth_failure_window": "seconds", "auth_block_seconds": "seconds",
+    "auth_max_failures": "0 = never block", "debounce_window": "seconds, 0 = off",
+    "connections_per_user": "0 = no limit",
+}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
+        env = FLAG_ENV.get(f.name, f"PLUGINLAB_{f.name.upper()}")
+        unit = _UNITS.get(f.name) or ("per second, 0 = no limit"
+                                      if f.name.endswith("per_second") else None)
+        help_text = f"{unit + '; ' if unit else ''}default {f.default!r}; env {env}"
         text = str(f.type)
         if "bool" in text:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None)
+                                default=None, help=help_text)
         elif "int" in text and "None" not in text:
-            parser.add_argument(flag, dest=f.name, type=int, default=None)
+            parser.add_argument(flag, dest=f.name, type=int, default=None, help=help_text)
         elif "float" in text:
-            parser.add_argument(flag, dest=f.name, type=float, default=None)
+            parser.add_argument(flag, dest=f.name, type=float, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None)
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -42,42 +58,90 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.from_env(**overrides)
 
 
+def _fail(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C / SIGTERM (a second one exits at once: acknowledged changes are
+    journaled already). A setting or environment that cannot work is one ``error:`` line
+    and exit status 2, not a traceback."""
+    from .provenance import JournalBusy, SchemaTooNew
     from .server import PluginServer
 
-    config = _config(args)
+    level = (args.log_level or os.environ.get("PLUGINLAB_LOG_LEVEL") or "info").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        return _fail(f"log level must be debug, info, warning or error, got {level.lower()!r}")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # one line per connection and per handshake is noise at info
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        config = _config(args)
+        server = PluginServer(config)
+    except (ValueError, OSError, JournalBusy, SchemaTooNew) as exc:
+        return _fail(exc)
 
     async def run() -> None:
-        server = await PluginServer(config).start()
+        await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                print("second signal: exiting now (acknowledged changes are journaled; the "
+                      "next start stores them)", file=sys.stderr, flush=True)
+                os._exit(1)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        user = args.token_user
-        print(f"pluginlab serving on {server.url}", flush=True)
-        if server.generated_secret:
-            print("no PLUGINLAB_JWT_SECRET given; generated one for this run:", flush=True)
-            print(f"  PLUGINLAB_JWT_SECRET={server.auth.config.secret}", flush=True)
-        if server.auth.config.secret or server.auth.config.private_key:
-            print(f"token for {user!r} (1 h): {server.token(user)}", flush=True)
-        print(f"database: {config.db or '(none)'}", flush=True)
+            loop.add_signal_handler(sig, on_signal)
+        _announce(server, config, args.token_user)
         await stop.wait()
-        print("shutting down", flush=True)
+        print("shutting down (Ctrl-C again to exit at once)", flush=True)
         await server.stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as exc:  # could not listen
+        return _fail(exc)
     return 0
 
 
+def _announce(server: Any, config: ServerConfig, user: str) -> None:
+    print(f"pluginlab serving on {server.url}", flush=True)
+    if server.generated_secret:
+        print("no PLUGINLAB_JWT_SECRET given; generated one for this run (tokens end with "
+              "it; set PLUGINLAB_JWT_SECRET to keep them across restarts):", flush=True)
+        print(f"  PLUGINLAB_JWT_SECRET={server.auth.config.secret}", flush=True)
+    if server.auth.config.secret or server.auth.config.private_key:
+        print(f"token for {user!r} (1 h): {server.token(user)}", flush=True)
+    else:
+        print("tokens: pluginlab token USER --jwt-public-key "
+              f"{config.jwt_public_key if '-----BEGIN' not in str(config.jwt_public_key) else 'KEY'}"
+              " --private-key PRIVATE_KEY.pem", flush=True)
+    print(f"database: {config.db or '(none)'}", flush=True)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
+    import jwt
+
     from .server import build_authenticator
 
-    config = _config(args)
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        return _fail(exc)
     if not config.jwt_secret and not (config.jwt_public_key and args.private_key):
-        print("error: set PLUGINLAB_JWT_SECRET (or --jwt-secret), or give --jwt-public-key "
-              "and --private-key", file=sys.stderr)
-        return 2
-    auth, _ = build_authenticator(config)
+        return _fail("set PLUGINLAB_JWT_SECRET (or --jwt-secret), or give --jwt-public-key "
+                     "and --private-key")
+    if args.lifetime <= 0:
+        return _fail(f"--lifetime must be > 0 seconds, got {args.lifetime}")
+    try:
+        auth, _ = build_authenticator(config)
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
     if args.private_key:
         from dataclasses import replace
 
@@ -93,9 +157,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         kwargs["permissions"] = args.permission
     try:
         token = auth.issue(args.user, **kwargs)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        return _fail(exc)
     print(json.dumps({"token": token}) if args.json else token)
     return 0
 
@@ -105,6 +168,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config_options(serve)
     serve.add_argument("--token-user", default="researcher",
                        help="user of the ready token printed at start")
+    serve.add_argument("--log-level", default=None,
+                       help="debug | info (default; refused AUTHs, blocked addresses, errors) "
+                            "| warning | error; env PLUGINLAB_LOG_LEVEL")
     serve.set_defaults(func=cmd_serve)
     token = sub.add_parser("token", help="issue a JWT for the server")
     token.add_argument("user")

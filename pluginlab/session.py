@@ -429,6 +429,7 @@ class Studio:
             raise
 
     def _fail(self, conn: Connection, exc: AuthFailed) -> None:
+        log.info("AUTH refused from %s: %s", conn.address, (exc.details or {}).get("reason"))
         if self.auth is not None:
             self.auth.record_failure(conn.address)
         raise exc

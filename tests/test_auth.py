@@ -225,6 +225,20 @@ def blocked_retry_after(auth: Authenticator, address: str) -> float:
     return float(info.value.details["retry_after"])
 
 
+def test_blocking_is_logged_and_zero_failures_means_never_block(
+        caplog: pytest.LogCaptureFixture) -> None:
+    auth = Authenticator(AuthConfig(secret=SECRET, max_failures=2, block_seconds=300))
+    with caplog.at_level("WARNING", logger="pluginlab.auth"):
+        auth.record_failure("10.0.0.9")
+        assert caplog.records == []
+        auth.record_failure("10.0.0.9")
+    assert "address 10.0.0.9 blocked for 300 s after 2 failed AUTHs" in caplog.text
+    never = Authenticator(AuthConfig(secret=SECRET, max_failures=0))
+    for _ in range(50):
+        never.record_failure("10.0.0.9")
+    never.check_blocked("10.0.0.9")  # 0 = no limit, like the other limits
+
+
 def test_repeated_failures_block_the_address_for_a_while() -> None:
     clock = FakeClock()
     auth = Authenticator(AuthConfig(secret=SECRET, max_failures=3, failure_window=60,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jwt
 import numpy as np
+import pytest
 import soundfile as sf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,9 +25,10 @@ SCRIPT = Path(sys.executable).parent / "pluginlab"
 
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=180, check=False)
 
@@ -121,3 +125,69 @@ def test_token_signed_with_an_ec_key_needs_no_algorithm_flag(tmp_path: Path):
                    "--private-key", str(tmp_path / "ec.pem"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert jwt.decode(done.stdout.strip(), public, algorithms=["ES256"])["sub"] == "alice"
+
+
+# -- serve: settings that cannot work --------------------------------------------------------
+
+def _public_key(tmp_path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "ec.pub"
+    path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+@pytest.mark.parametrize(("args", "env", "said"), [
+    (["--messages-per-second", "-1"], {}, "messages_per_second must be a whole number >= 0"),
+    (["--debounce-window", "nan"], {}, "debounce_window must be a finite number"),
+    (["--max-frame", "0"], {}, "max_frame must be a number of bytes >= 1"),
+    (["--path", "ws"], {}, "path must start with '/'"),
+    (["--port", "70000"], {}, "port must be 0..65535"),
+    (["--jwt-algorithm", "HS999"], {}, "jwt_algorithm must be one of"),
+    (["--jwt-public-key", "missing.pub"], {}, "jwt_public_key: no such file 'missing.pub'"),
+    (["--jwt-public-key", "ec.pub", "--jwt-secret", "s" * 32], {}, "not both"),
+    (["--jwt-public-key", "ec.pub", "--jwt-algorithm", "RS256"], {}, "an EC key"),
+    ([], {"PLUGINLAB_MESSAGES_PER_SECOND": "abc"}, "messages_per_second: expected a number"),
+    ([], {"ENABLE_DAID_TRACKING": "maybe"}, "enable_daid_tracking: expected true/false"),
+])
+def test_serve_refuses_settings_that_cannot_work(tmp_path: Path, args: list[str],
+                                                 env: dict[str, str], said: str) -> None:
+    """One ``error:`` line and exit 2, before anything is opened or bound: a typo must not
+    start a server that behaves differently (or refuses every token) while looking fine."""
+    _public_key(tmp_path)
+    done = run_cli("serve", "--port", "0", "--db", str(tmp_path / "x.sqlite"), *args,
+                   cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr and done.stderr.startswith("error: ")
+    assert "Traceback" not in done.stderr and "serving" not in done.stdout
+    assert not (tmp_path / "x.sqlite").exists()
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", str(port), "--jwt-secret", "s" * 32,
+                       "--db", str(tmp_path / "x.sqlite"), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None:
+    key = _public_key(tmp_path)
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
+    process = subprocess.Popen(
+        [*command, "serve", "--port", "0", "--jwt-public-key", str(key), "--db", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("pluginlab serving on ws://127.0.0.1:")
+        assert f"pluginlab token USER --jwt-public-key {key} --private-key" in lines[1]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
