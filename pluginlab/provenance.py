@@ -1190,8 +1190,15 @@ def verify_chain(conn: sqlite3.Connection) -> VerifyResult:
     Reasons: a missing seq (row deleted or renumbered), a row whose ``prev_hash`` points at
     another row (rows reordered), a row whose content no longer matches its ``chain_hash``
     (row edited), a DAID that no longer matches its row (hash, timestamp, agent or entity),
-    or a tail shorter than the recorded chain head (log truncated).
+    or a tail shorter than the recorded chain head (log truncated). A file SQLite itself
+    finds damaged (``PRAGMA quick_check``: a torn or overwritten page) fails first, with no
+    row named: its rows cannot all be read back as stored.
     """
+    damage = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
+    if damage != ["ok"]:
+        return VerifyResult(False, 0, None,
+                            "the database file is damaged (SQLite quick_check: "
+                            f"{'; '.join(' '.join(d.split()) for d in damage)})")
     expected = 1
     prev = GENESIS_HASH
     cache: dict[str | None, str] = {None: "null"}

@@ -139,6 +139,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if result.ok:
         print(f"OK: {result.checked} events, hash chain intact")
         return EXIT_OK
+    if result.first_bad_seq is None:
+        print(f"BROKEN: {result.reason}")
+        return EXIT_BROKEN
     print(
         f"BROKEN at seq {result.first_bad_seq}: {result.reason} "
         f"({result.checked} events verified before it)"
@@ -151,6 +154,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnindexedEventsWarning)
             count = export_events(args.db, args.format, args.out, session_id=args.session)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return EXIT_OK
     except (OSError, PluginlabError, RuntimeError, sqlite3.DatabaseError, ValueError) as exc:
         return _fail(str(exc))
     for warning in caught:

@@ -1132,6 +1132,28 @@ def test_verify_through_the_api_and_the_cli(
     assert run_cli("daid", "verify", str(ten_events.parent / "missing.sqlite")) == 2
 
 
+def test_verify_reports_a_damaged_file(ten_events: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A torn index page leaves every row readable through the table, so the chain alone
+    would say OK while filtered reads fail: SQLite's own check runs first."""
+    with sqlite3.connect(ten_events) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode = DELETE")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master "
+                            "WHERE name = 'idx_daid_events_user_id'").fetchone()[0]
+    conn.close()
+    with open(ten_events, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\xff" * page_size)
+    result = verify_database(ten_events)
+    assert not result.ok and result.first_bad_seq is None
+    assert "damaged" in result.reason
+    assert run_cli("daid", "verify", str(ten_events)) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("BROKEN: the database file is damaged") and "OK:" not in out
+
+
 def test_verify_cli_as_a_real_process(ten_events: Path) -> None:
     command = [sys.executable, "-m", "pluginlab.provenance_cli", "daid", "verify",
                str(ten_events)]
@@ -1379,6 +1401,22 @@ def test_opening_a_fresh_file_creates_the_current_schema(db: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Export
+
+
+def test_export_into_a_pipe_closed_early_ends_quietly(db: Path) -> None:
+    """``pluginlab events export db | head``: the reader leaving is not an error."""
+    with ProvenanceStore(db) as store:
+        store.append(add("rev1"))
+        store.append_many([param("rev1", "wet_dry", k / 3000) for k in range(3000)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pluginlab.provenance_cli", "events", "export", str(db),
+         "--format", "csv"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(), cwd=ROOT)
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith(b"seq,daid,")
+    process.stdout.close()  # like head: ~1 MB of CSV is still to come
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
 
 
 def test_export_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
