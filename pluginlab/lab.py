@@ -251,8 +251,8 @@ class Lab:
         A script calling ``asyncio.run`` twice (or a test that forgot ``stop()``) leaves a lab
         whose loop is closed: its server cannot be awaited any more (that raised "Event loop is
         closed" and made every later ``start()`` fail), so it is forgotten and only its
-        provenance store, which is loop-independent, is closed; its listening socket is left
-        to garbage collection. A lab on another running loop is stopped on that loop.
+        listening sockets and provenance store, which need no loop, are closed
+        (:meth:`PluginServer.abandon`). A lab on another running loop is stopped on that loop.
         """
         global _CURRENT
         if self.loop is loop:
@@ -261,8 +261,7 @@ class Lab:
             self.stopped = True
             if _CURRENT is self:
                 _CURRENT = None
-            if self.store is not None:
-                self.store.close()
+            self.server.abandon()
         else:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(), self.loop))
 

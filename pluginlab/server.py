@@ -21,6 +21,7 @@ messages to one connection share a write (see :class:`_Outbox`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -164,6 +165,17 @@ class PluginServer:
         await self.studio.close()
         if self._own_store and self.store is not None:
             await asyncio.to_thread(self.store.close)
+
+    def abandon(self) -> None:
+        """Release what needs no event loop, for a server whose loop is closed (a script's
+        second ``asyncio.run``): the listening sockets and the store. Connections of that
+        loop cannot be closed any more; the garbage collector takes them."""
+        if self._server is not None:
+            with contextlib.suppress(Exception):  # asyncio's close needs no running loop
+                self._server.server.close()
+            self._server = None
+        if self._own_store and self.store is not None:
+            self.store.close()
 
     async def serve_forever(self) -> None:
         await self.start()

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import hashlib
 import html
+import socket
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -117,6 +118,8 @@ def test_start_after_a_loop_closed_without_stop(tmp_path: Path) -> None:
         lab = await pluginlab.start("nb", **lab_options(tmp_path / "two"))
         try:
             assert lab is not old and old.stopped and not lab.stopped
+            with socket.socket() as probe:  # the abandoned lab's port was released
+                probe.bind(("127.0.0.1", old.server.port))
             async with colleague(lab) as client:
                 assert client.session_id == "nb"
         finally:
