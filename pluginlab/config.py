@@ -46,6 +46,9 @@ class ServerConfig:
     fsync: bool = False
     presets_dir: str | None = None
     strict_paths: bool = False
+    # comma-separated origins browsers may connect from ("http://localhost:3000,null");
+    # None = any. Clients that send no Origin header (scripts) are always let in.
+    allowed_origins: str | None = None
     # auth
     jwt_secret: str | None = None
     jwt_public_key: str | None = None  # PEM text or a path to a PEM file
@@ -95,6 +98,9 @@ class ServerConfig:
                 found.append(f"{name} must be a number of bytes >= 1, got {value!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             found.append(f"port must be 0..65535 (0 = any free port), got {self.port!r}")
+        if self.allowed_origins is not None and not self.origins():
+            found.append("allowed_origins must name at least one origin "
+                         "(e.g. http://localhost:3000)")
         if not isinstance(self.path, str) or not self.path.startswith("/"):
             found.append(f"path must start with '/', got {self.path!r}")
         if self.jwt_algorithm is not None and self.jwt_algorithm not in JWT_ALGORITHMS:
@@ -108,6 +114,13 @@ class ServerConfig:
                 and not self.jwt_public_key:
             found.append(f"jwt_algorithm {self.jwt_algorithm} needs jwt_public_key")
         return found
+
+    def origins(self) -> frozenset[str] | None:
+        """The allowed browser origins (None = any)."""
+        if self.allowed_origins is None:
+            return None
+        return frozenset(o.strip().rstrip("/") for o in str(self.allowed_origins).split(",")
+                         if o.strip())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:

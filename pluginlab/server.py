@@ -124,6 +124,7 @@ class PluginServer:
         self._server: Server | None = None
         self.port: int | None = None
         self._serialize: _Recent[dict[str, Any], str] = _Recent(dumps, keep=4)
+        self._origins = self.config.origins()
         self._outbox = _Outbox(self.config.max_send_buffer)
 
     @property
@@ -193,6 +194,11 @@ class PluginServer:
         parts = urlsplit(request.path)
         if parts.path != self.config.path:
             return connection.respond(HTTPStatus.NOT_FOUND, "unknown path\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and self._origins is not None and origin not in self._origins:
+            log.info("handshake from %s refused: origin %r not allowed", _address(connection),
+                     origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
         query = parse_qs(parts.query)
         token = (query.get("token") or [None])[0]
         session_id = (query.get("session_id") or [None])[0]

@@ -31,6 +31,8 @@ _UNITS = {
     "auth_failure_window": "seconds", "auth_block_seconds": "seconds",
     "auth_max_failures": "0 = never block", "debounce_window": "seconds, 0 = off",
     "connections_per_user": "0 = no limit",
+    "allowed_origins": "comma-separated browser origins (null for file:// pages); unset = "
+                       "any; clients sending no Origin are always let in",
 }
 
 

@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pluginlab.client import Client, ClientError
+from pluginlab.config import ServerConfig
 
 MANY = 1000  # auth_max_failures for servers where failing on purpose must not block
 
@@ -433,6 +434,35 @@ def test_client_joins_at_the_handshake_or_raises_the_refusal(tmp_path: Path) -> 
             assert info.value.code == "AUTH_FAILED"
             assert info.value.message["id"] == "handshake"
 
+    run(scenario())
+
+
+def test_only_allowed_browser_origins_may_connect(tmp_path: Path) -> None:
+    """With allowed_origins set, a page from another origin gets HTTP 403 before its token is
+    even looked at (no failure counted); scripts, which send no Origin, still connect."""
+    async def scenario() -> None:
+        async with serving(tmp_path, allowed_origins="http://studio.local:3000, null",
+                           auth_max_failures=1) as server:
+            good = server.token("alice")
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_connect(f"{server.url}?token={good}", proxy=None,
+                                      origin="http://evil.example"):  # type: ignore[arg-type]
+                    pass
+            assert info.value.response.status_code == 403
+            for origin in ("http://studio.local:3000", "null", None):
+                async with ws_connect(f"{server.url}?token={good}", proxy=None,
+                                      origin=origin) as ws:  # type: ignore[arg-type]
+                    hello = json.loads(await ws.recv())
+                    assert hello["type"] == "AUTH_SUCCESS", origin  # and the address is not
+                    # blocked although auth_max_failures=1: the 403 counted no failure
+        async with serving(tmp_path / "open") as server, ws_connect(  # default: any origin
+                server.url, proxy=None, origin="http://anywhere.example") as ws:  # type: ignore[arg-type]
+            await ws.send('{"type": "PING", "id": "1"}')
+            assert json.loads(await ws.recv())["type"] == "PONG"
+        with pytest.raises(ValueError, match="allowed_origins"):
+            ServerConfig(allowed_origins=" , ")
+
+    (tmp_path / "open").mkdir()
     run(scenario())
 
 
