@@ -37,6 +37,19 @@ CLIENT_MAX_SIZE = 16 * 2**20
 Predicate = Callable[[dict[str, Any]], bool]
 
 
+def _dumps(body: dict[str, Any]) -> str:
+    """A request as compact UTF-8 JSON, as browsers send it (escaping non-ASCII text would
+    make it up to 6x longer against the server's frame limit). Text that is not valid Unicode
+    (a lone surrogate) is sent escaped, so the server can say what is wrong with it."""
+    text = json.dumps(body, allow_nan=False, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(body, allow_nan=False)
+    return text
+
+
 class ClientError(Exception):
     """An ERROR reply: ``code`` (e.g. PLUGIN_NOT_FOUND), ``details`` and the whole message."""
 
@@ -133,7 +146,7 @@ class Client:
         self._pending[msg_id] = future
         body = {"id": msg_id, "type": msg_type, "data": data or {}, **envelope}
         try:
-            await self.send_raw(json.dumps(body, allow_nan=False))
+            await self.send_raw(_dumps(body))
             reply = await asyncio.wait_for(future, self.timeout)
         finally:
             self._pending.pop(msg_id, None)
@@ -201,8 +214,8 @@ class Client:
 
     async def cursor(self, **fields: Any) -> None:
         """USER_CURSOR_UPDATE (no reply)."""
-        await self.send_raw(json.dumps({"id": f"py_{next(self._ids)}",
-                                        "type": "USER_CURSOR_UPDATE", "data": fields}))
+        await self.send_raw(_dumps({"id": f"py_{next(self._ids)}",
+                                    "type": "USER_CURSOR_UPDATE", "data": fields}))
 
     async def ping(self) -> dict[str, Any]:
         return await self.request("PING")

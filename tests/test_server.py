@@ -860,6 +860,21 @@ def test_a_near_limit_relay_reaches_members_intact(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_the_python_client_sends_utf8_and_escapes_only_what_is_not_unicode(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
+            label = "\u2713" * 200_000  # 600 KB as UTF-8; 1.2 MB as escapes, over the limit
+            await a.cursor(position={"label": label})
+            relay = await b.wait_for("USER_CURSOR_UPDATE")
+            assert relay["data"]["position"]["label"] == label
+            err = await error_of(a.add_plugin("t\ud800", "Reverb"))
+            assert err.code == "INVALID_MESSAGE" and "surrogate" in err.message["data"]["error"]
+            assert (await a.request("PING", {}))["type"] == "PONG"
+
+    run(scenario())
+
+
 def test_a_lone_surrogate_in_outgoing_text_is_sent_as_its_escape() -> None:
     """Strings from the file system can hold lone surrogates (a file name that is not
     UTF-8); the frame must still be valid UTF-8 and decode to the same JSON."""
