@@ -125,6 +125,7 @@ class PluginServer:
         self.port: int | None = None
         self._serialize: _Recent[dict[str, Any], str] = _Recent(dumps, keep=4)
         self._origins = self.config.origins()
+        self._stopping = False  # set by stop(): frames not yet handled are left unhandled
         self._outbox = _Outbox(self.config.max_send_buffer)
 
     @property
@@ -157,7 +158,12 @@ class PluginServer:
         return self
 
     async def stop(self) -> None:
-        """Close every connection, flush broadcasts, release engines and the store."""
+        """Close every connection, flush broadcasts, release engines and the store.
+
+        Frames a client sent that are not being handled yet are dropped, not applied: a change
+        is applied only where its reply can still be sent (the client sees close 1001 and no
+        reply, so it knows to resend after reconnecting)."""
+        self._stopping = True
         self._outbox.end_run()  # messages already sent go out before the close frames
         if self._server is not None:
             self._server.close()
@@ -258,6 +264,8 @@ class PluginServer:
         receive = self.studio.receive
         handled = 0
         async for frame in ws:
+            if self._stopping:
+                continue  # read and drop, so the close handshake behind them completes
             try:
                 await receive(conn, frame)
             except Exception:  # a reply that could not be sent; the connection goes on
@@ -280,6 +288,9 @@ class PluginServer:
             async for frame in ws:
                 await _read_less(ws)
                 await slots.acquire()
+                if self._stopping:
+                    slots.release()
+                    continue  # read and drop (see _serve_in_turn)
                 applied: asyncio.Future[None] = loop.create_future()
                 done: asyncio.Future[None] = loop.create_future()
                 task = asyncio.create_task(

@@ -8,6 +8,7 @@ a live fuzz, feature flags, DAID durability and the Python door.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
@@ -34,7 +35,8 @@ from websockets.exceptions import ConnectionClosed
 
 from pluginlab.client import Client, ClientError
 from pluginlab.config import ServerConfig
-from pluginlab.server import READ_PAUSE
+from pluginlab.provenance import ProvenanceReader
+from pluginlab.server import PIPELINE_DEPTH, READ_PAUSE, PluginServer
 
 TRACK = "test_track_001"
 SESSION = "test_session_001"
@@ -886,6 +888,51 @@ def test_a_lone_surrogate_in_outgoing_text_is_sent_as_its_escape() -> None:
     payload = frame[2:]
     assert payload == '{"preset":"bad\\udc80name","ok":"\u00e9"}'.encode()
     assert json.loads(payload.decode("utf-8")) == {"preset": "bad\udc80name", "ok": "\u00e9"}
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_stopping_applies_no_frame_it_cannot_answer(tmp_path: Path, fsync: bool) -> None:
+    """A client pipelines 3000 changes and the server stops meanwhile: the changes in the log
+    are the acknowledged ones (plus at most those in flight), not every buffered frame."""
+    async def scenario() -> None:
+        server = await PluginServer(make_config(tmp_path, fsync=fsync, rate_limits=False)).start()
+        async with ws_connect(server.url, proxy=None) as ws:
+            await ws.send(json.dumps({"type": "AUTH", "data": {
+                "token": server.token("alice"), "session_id": "jam"}}))
+            assert json.loads(await ws.recv())["type"] == "AUTH_SUCCESS"
+            await ws.send(json.dumps({"id": "add", "type": "PLUGIN_ADD", "data": {
+                "track_id": "t", "name": "Reverb", "plugin_id": "rev"}}))
+            assert json.loads(await ws.recv())["data"]["success"] is True
+            frames = [json.dumps({"id": f"m{i}", "type": "PLUGIN_PARAMETER", "data": {
+                "track_id": "t", "plugin_id": "rev", "parameter_id": "wet_dry",
+                "parameter_value": (i % 100) / 100}}) for i in range(3000)]
+            halt = asyncio.Event()
+
+            async def pipeline() -> None:  # without waiting for replies: they queue up
+                with contextlib.suppress(ConnectionClosed):
+                    for frame in frames:
+                        if halt.is_set():  # what was sent so far is still buffered there
+                            return
+                        await ws.send(frame)
+
+            sender = asyncio.create_task(pipeline())
+            acked = 0
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    reply = json.loads(await ws.recv())
+                    if reply.get("type") == "PLUGIN_PARAMETER":
+                        acked += 1
+                        if acked == 20:
+                            halt.set()
+                            stopping = asyncio.create_task(server.stop())
+            await stopping
+            await sender
+        with ProvenanceReader(make_config(tmp_path).db or "") as log:
+            recorded = len(log.events("jam", action="parameter_update"))
+        assert acked >= 20 and recorded < 3000
+        assert acked <= recorded <= acked + PIPELINE_DEPTH  # at most those in flight
+
+    run(scenario())
 
 
 # == 5. flood =============================================================================
