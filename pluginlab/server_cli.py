@@ -108,6 +108,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except OSError as exc:  # could not listen
         return _fail(exc)
+    return _report_unindexed(config.db)
+
+
+def _report_unindexed(db: str | None) -> int:
+    """After a stop: 0, or 1 with a note when acknowledged events could not be indexed (a
+    full disk): they are safe in the journal, and ``pluginlab db migrate`` stores them."""
+    from .provenance import unindexed_events
+
+    try:
+        left = unindexed_events(db) if db else 0
+    except Exception:  # noqa: BLE001 - the database itself is unreadable: nothing to add
+        return 0
+    if left:
+        print(f"warning: {left} acknowledged event(s) could not be indexed and are only in "
+              f"the journal ({db}-daidlog); they are safe: the next start or "
+              f"`pluginlab db migrate {db}` stores them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -715,6 +715,22 @@ def test_reads_that_would_miss_journaled_events_say_so(
         assert len(events_frame(db)) == 50
 
 
+def test_serve_says_when_it_stops_with_events_left_in_the_journal(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that could not index (a full disk) exits 1 naming the count and the command,
+    instead of exit 0 as if all was stored."""
+    from pluginlab.server_cli import _report_unindexed
+
+    assert _report_unindexed(str(db)) == 0
+    kill_after_journaling(db)
+    assert _report_unindexed(str(db)) == 1
+    err = capsys.readouterr().err
+    assert "50 acknowledged event(s) could not be indexed" in err
+    assert f"pluginlab db migrate {db}" in err
+    assert _report_unindexed(None) == 0
+
+
 def test_a_torn_last_record_was_never_acknowledged_and_is_dropped(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
