@@ -51,6 +51,7 @@ class ServerConfig:
     allowed_origins: str | None = None
     # auth
     jwt_secret: str | None = None
+    jwt_secret_file: str | None = None  # the secret in a file (not in `ps` or the environment)
     jwt_public_key: str | None = None  # PEM text or a path to a PEM file
     jwt_algorithm: str | None = None
     jwt_leeway: float = 30.0
@@ -106,7 +107,12 @@ class ServerConfig:
         if self.jwt_algorithm is not None and self.jwt_algorithm not in JWT_ALGORITHMS:
             found.append(f"jwt_algorithm must be one of {', '.join(JWT_ALGORITHMS)}, "
                          f"got {self.jwt_algorithm!r}")
-        if self.jwt_secret and self.jwt_public_key:
+        if self.jwt_secret_file is not None:
+            if self.jwt_secret:
+                found.append("give jwt_secret or jwt_secret_file, not both")
+            elif not os.path.isfile(self.jwt_secret_file):
+                found.append(f"jwt_secret_file: no such file {self.jwt_secret_file!r}")
+        if (self.jwt_secret or self.jwt_secret_file) and self.jwt_public_key:
             found.append("give jwt_secret (HS256) or jwt_public_key (RS/ES), not both")
         elif self.jwt_algorithm and self.jwt_algorithm.startswith("HS") and self.jwt_public_key:
             found.append(f"jwt_algorithm {self.jwt_algorithm} needs a secret, not a public key")
@@ -114,6 +120,16 @@ class ServerConfig:
                 and not self.jwt_public_key:
             found.append(f"jwt_algorithm {self.jwt_algorithm} needs jwt_public_key")
         return found
+
+    def secret(self) -> str | None:
+        """The HS256 secret: ``jwt_secret``, or the first line of ``jwt_secret_file``."""
+        if self.jwt_secret_file is None:
+            return self.jwt_secret
+        with open(self.jwt_secret_file, encoding="utf-8") as fh:
+            secret = fh.readline().strip()
+        if not secret:
+            raise ValueError(f"jwt_secret_file {self.jwt_secret_file!r} is empty")
+        return secret
 
     def origins(self) -> frozenset[str] | None:
         """The allowed browser origins (None = any)."""

@@ -61,8 +61,9 @@ def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
     at AUTH, and block every address after a few tries, while the server looked healthy."""
     public_key = load_public_key(config.jwt_public_key, config.jwt_algorithm) \
         if config.jwt_public_key else None
-    generated = not config.jwt_secret and not public_key
-    secret = config.jwt_secret or (None if public_key else generate_secret())
+    given = config.secret()
+    generated = not given and not public_key
+    secret = given or (None if public_key else generate_secret())
     auth = Authenticator(AuthConfig(
         secret=secret, public_key=public_key, algorithm=config.jwt_algorithm,
         leeway=config.jwt_leeway, max_failures=config.auth_max_failures,

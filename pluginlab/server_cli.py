@@ -31,6 +31,7 @@ _UNITS = {
     "auth_failure_window": "seconds", "auth_block_seconds": "seconds",
     "auth_max_failures": "0 = never block", "debounce_window": "seconds, 0 = off",
     "connections_per_user": "0 = no limit",
+    "jwt_secret_file": "file whose first line is the HS256 secret (kept out of ps and env)",
     "allowed_origins": "comma-separated browser origins (null for file:// pages); unset = "
                        "any; clients sending no Origin are always let in",
 }
@@ -132,7 +133,8 @@ def _announce(server: Any, config: ServerConfig, user: str) -> None:
     print(f"pluginlab serving on {server.url}", flush=True)
     if server.generated_secret:
         print("no PLUGINLAB_JWT_SECRET given; generated one for this run (tokens end with "
-              "it; set PLUGINLAB_JWT_SECRET to keep them across restarts):", flush=True)
+              "it; set PLUGINLAB_JWT_SECRET or --jwt-secret-file to keep them across "
+              "restarts):", flush=True)
         print(f"  PLUGINLAB_JWT_SECRET={server.auth.config.secret}", flush=True)
     if server.auth.config.secret or server.auth.config.private_key:
         print(f"token for {user!r} (1 h): {server.token(user)}", flush=True)
@@ -152,7 +154,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         config = _config(args)
     except ValueError as exc:
         return _fail(exc)
-    if not config.jwt_secret and not (config.jwt_public_key and args.private_key):
+    if not (config.jwt_secret or config.jwt_secret_file) \
+            and not (config.jwt_public_key and args.private_key):
         return _fail("set PLUGINLAB_JWT_SECRET (or --jwt-secret), or give --jwt-public-key "
                      "and --private-key")
     if args.lifetime <= 0:
@@ -200,6 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     token.add_argument("--private-key", help="PEM (or path) for RS256/ES256 tokens")
     token.add_argument("--json", action="store_true")
     token.add_argument("--jwt-secret", dest="jwt_secret", default=None)
+    token.add_argument("--jwt-secret-file", dest="jwt_secret_file", default=None)
     token.add_argument("--jwt-public-key", dest="jwt_public_key", default=None)
     token.add_argument("--jwt-algorithm", dest="jwt_algorithm", default=None)
     token.set_defaults(func=cmd_token)

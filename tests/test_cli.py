@@ -149,12 +149,16 @@ def _public_key(tmp_path: Path) -> Path:
     (["--jwt-public-key", "ec.pub", "--jwt-algorithm", "RS256"], {}, "an EC key"),
     ([], {"PLUGINLAB_MESSAGES_PER_SECOND": "abc"}, "messages_per_second: expected a number"),
     ([], {"ENABLE_DAID_TRACKING": "maybe"}, "enable_daid_tracking: expected true/false"),
+    (["--jwt-secret-file", "nope.txt"], {}, "jwt_secret_file: no such file 'nope.txt'"),
+    (["--jwt-secret-file", "ec.pub", "--jwt-secret", "s" * 32], {}, "not both"),
+    (["--jwt-secret-file", "empty.txt"], {}, "jwt_secret_file 'empty.txt' is empty"),
 ])
 def test_serve_refuses_settings_that_cannot_work(tmp_path: Path, args: list[str],
                                                  env: dict[str, str], said: str) -> None:
     """One ``error:`` line and exit 2, before anything is opened or bound: a typo must not
     start a server that behaves differently (or refuses every token) while looking fine."""
     _public_key(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n")
     done = run_cli("serve", "--port", "0", "--db", str(tmp_path / "x.sqlite"), *args,
                    cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
@@ -191,3 +195,19 @@ def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_secret_can_live_in_a_file(tmp_path: Path) -> None:
+    """--jwt-secret-file: the secret stays out of ``ps`` and the environment; tokens issued
+    with the same file verify with its first line."""
+    secret = "file-secret-" + "x" * 32
+    (tmp_path / "secret.txt").write_text(secret + "\n# comment lines after it are ignored\n")
+    done = run_cli("token", "alice", "--jwt-secret-file", "secret.txt", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert jwt.decode(done.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "alice"
+    from pluginlab.config import ServerConfig
+    from pluginlab.server import build_authenticator
+
+    auth, generated = build_authenticator(
+        ServerConfig(jwt_secret_file=str(tmp_path / "secret.txt")))
+    assert not generated and auth.verify(done.stdout.strip()).user_id == "alice"
