@@ -803,6 +803,15 @@ class Engine:
         return self.presets.save(plugin.preset_key, name, plugin.name, plugin.values, state)
 
     def _load_preset(self, plugin: Plugin, preset: str | Mapping[str, Any]) -> dict[str, float]:
+        plugin.update(self.preset_values(plugin, preset))
+        return plugin.values
+
+    def preset_values(self, plugin: Plugin, preset: str | Mapping[str, Any]) -> dict[str, float]:
+        """The validated values a preset (a name or ``{id: value}``) sets, without making them
+        current: the caller applies them (``plugin.update``) when it suits it, e.g. on the
+        event loop right before recording, so no other change can land in between. A binary's
+        preset with a state file is loaded into its processor here (on the owner thread) and
+        the values are what the plugin reports back. PresetLoadFailed if it is unknown or bad."""
         state: bytes | None = None
         if isinstance(preset, Mapping):
             params = dict(preset)
@@ -821,9 +830,8 @@ class Engine:
         except InvalidParameter as exc:
             raise PresetLoadFailed(plugin.id, exc.message) from None
         if state is not None:
-            return self._load_state(plugin, state)
-        plugin.update(checked)
-        return plugin.values
+            return self._state_values(plugin, state)
+        return checked
 
     def _save_state(self, plugin: Plugin) -> bytes:
         if plugin.kind != "binary":
@@ -838,6 +846,14 @@ class Engine:
         return self._owner.call(save)
 
     def _load_state(self, plugin: Plugin, state: bytes) -> dict[str, float]:
+        values = self._state_values(plugin, state)
+        with self._lock:
+            plugin._values.update(values)
+        return plugin.values
+
+    def _state_values(self, plugin: Plugin, state: bytes) -> dict[str, float]:
+        """Load ``state`` into the binary's processors; the values it reports (not made
+        current in the model)."""
         if plugin.kind != "binary":
             raise PresetLoadFailed(plugin.id, "full state is only available for plugin binaries")
 
@@ -850,12 +866,9 @@ class Engine:
             return read
 
         try:
-            values = self._owner.call(load)
+            return self._owner.call(load)
         except Exception as exc:
             raise PresetLoadFailed(plugin.id, f"cannot load plugin state: {exc}") from exc
-        with self._lock:
-            plugin._values.update(values)
-        return plugin.values
 
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()

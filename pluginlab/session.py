@@ -650,8 +650,12 @@ class Studio:
             raise InvalidMessage("preset_name or preset_data required", "preset_name")
         changes = len(source) if isinstance(source, dict) else len(plugin.parameters)
         self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second", changes)
+        resolved = await asyncio.to_thread(session.engine.preset_values, plugin, source)
+        # applied and handed to the log with no await in between, so a change another client
+        # makes meanwhile lands either before both or after both (engine and log agree)
         before = plugin.values
-        values = await asyncio.to_thread(plugin.load_preset, source)
+        plugin.update(resolved)
+        values = plugin.values
         daid = await self._record(conn, [self._draft(
             conn, "preset_load", "plugin", plugin.id, "preset_load",
             {"track_id": plugin.track_id, "plugin_id": plugin.id,

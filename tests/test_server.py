@@ -423,6 +423,34 @@ def test_parameter_batch_dict_and_list_forms_all_or_nothing(tmp_path: Path) -> N
     run(scenario())
 
 
+def test_a_preset_load_racing_other_changes_leaves_engine_and_log_agreeing(
+        tmp_path: Path) -> None:
+    """The preset is read off the loop but applied and logged on it with no await between,
+    so a change another client makes meanwhile is before both or after both (it used to be
+    applied after the preset but logged before it: the log, and so a restart, lost it)."""
+    async def scenario() -> None:
+        async with serving(tmp_path, rate_limits=False, debounce_window=0.0) as server, \
+                clients(server, "alice", "bob") as (a, b):
+            pid = (await a.add_plugin("t", "Reverb"))["plugin_id"]
+            engine = server.studio.sessions["jam"].engine
+            for k in range(12):
+                await asyncio.gather(
+                    a.request("PLUGIN_PRESET", {"track_id": "t", "plugin_id": pid,
+                                                "preset_name": ("Large Hall", "Small Room")[k % 2]}),
+                    *[b.set_parameter("t", pid, "wet_dry", round(0.01 + k / 20 + j / 100, 4))
+                      for j in range(5)])
+                server.store.flush()
+                live = engine.plugin(pid).get("wet_dry")
+                logged = server.store.session_state("jam")["t"][0]["parameters"]["wet_dry"]
+                last = server.store.events("jam")[-1].daid
+                replayed = server.store.state_at("jam", daid=last)["t"][0]["parameters"]
+                assert live == logged == replayed["wet_dry"], k
+            for client in (a, b):  # and what was sent to them says the same
+                assert (await client.get_parameters("t", pid))["parameters"]["wet_dry"] == live
+
+    run(scenario())
+
+
 def test_plugin_bypass(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
