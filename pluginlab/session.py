@@ -151,6 +151,10 @@ class Session:
     members: dict[str, Connection] = field(default_factory=dict)
     busy: int = 0  # requests of its members being handled (it is not released meanwhile)
     creating: set[str] = field(default_factory=set)  # plugin ids added but not yet recorded
+    # Held from a chain change (add/remove) until it is recorded, so the log's order of chain
+    # changes is the engine's: an add must not compute its index from a chain whose removal
+    # is still waiting (behind a render) to be recorded.
+    structure: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def user_ids(self) -> list[str]:
         return sorted({c.user_id for c in self.members.values() if c.user_id})
@@ -499,21 +503,22 @@ class Studio:
             session.creating.add(plugin_id)
 
         try:
-            plugin = await asyncio.to_thread(
-                engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
-                plugin_id=d.get("plugin_id") or None, index=d.get("index"), reserved=hold,
-            )
+            async with session.structure:
+                plugin = await asyncio.to_thread(
+                    engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
+                    plugin_id=d.get("plugin_id") or None, index=d.get("index"), reserved=hold,
+                )
+                index = list(engine.track(plugin.track_id).plugins).index(plugin)
+                details = {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                           "name": plugin.name, "plugin_path": plugin.plugin_path,
+                           "index": index, "parameters": plugin.values, "bypass": False}
+                try:
+                    daid = await self._record(conn, [self._draft(
+                        conn, "plugin_add", "plugin", plugin.id, "create", details)])
+                except Exception:
+                    await asyncio.to_thread(engine.remove_plugin, plugin.id)
+                    raise
             info = await asyncio.to_thread(plugin.parameter_info)
-            index = list(engine.track(plugin.track_id).plugins).index(plugin)
-            details = {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
-                       "plugin_path": plugin.plugin_path, "index": index,
-                       "parameters": plugin.values, "bypass": False}
-            try:
-                daid = await self._record(conn, [self._draft(
-                    conn, "plugin_add", "plugin", plugin.id, "create", details)])
-            except Exception:
-                await asyncio.to_thread(engine.remove_plugin, plugin.id)
-                raise
         finally:
             session.creating.difference_update(held)  # recorded (or gone): addressable now
         data = {"track_id": plugin.track_id, "name": plugin.name,
@@ -535,14 +540,15 @@ class Studio:
         session = self._session_of(conn)
         plugin = self._plugin(session, request)
         state = plugin.state()
-        await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
-        try:
-            daid = await self._record(conn, [self._draft(
-                conn, "plugin_remove", "plugin", plugin.id, "delete",
-                {"track_id": plugin.track_id, "plugin_id": plugin.id})])
-        except Exception:
-            await asyncio.to_thread(session.engine.restore, {plugin.track_id: [state]})
-            raise
+        async with session.structure:
+            await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
+            try:
+                daid = await self._record(conn, [self._draft(
+                    conn, "plugin_remove", "plugin", plugin.id, "delete",
+                    {"track_id": plugin.track_id, "plugin_id": plugin.id})])
+            except Exception:
+                await asyncio.to_thread(session.engine.restore, {plugin.track_id: [state]})
+                raise
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "success": True,
                 "daid": daid}
         session.throttle.supersede(plugin.id)

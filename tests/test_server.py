@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 import socket
+import threading
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -447,6 +448,39 @@ def test_a_preset_load_racing_other_changes_leaves_engine_and_log_agreeing(
                 assert live == logged == replayed["wet_dry"], k
             for client in (a, b):  # and what was sent to them says the same
                 assert (await client.get_parameters("t", pid))["parameters"]["wet_dry"] == live
+
+    run(scenario())
+
+
+def test_chain_changes_are_logged_in_the_order_the_engine_made_them(tmp_path: Path) -> None:
+    """An add whose processor is being created while another client removes a plugin of the
+    same track: the log (hence every client and a restart) must order them as the engine
+    did. The owner thread is held by a callable that stands in for a long render."""
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
+            p = (await a.add_plugin("t1", "Filter"))["plugin_id"]
+            await a.add_plugin("t1", "Reverb")
+            engine = server.studio.sessions["jam"].engine
+            await engine.render_async(0.1)  # a rendered chain: removing must reach DawDreamer
+            first, second = threading.Event(), threading.Event()
+            held = [engine._owner.submit(first.wait)]  # DawDreamer's thread is busy
+            adding = asyncio.create_task(b.add_plugin("t1", "Delay"))
+            await asyncio.sleep(0.1)  # the add's processor is queued behind `first`
+            held.append(engine._owner.submit(second.wait))  # a render queued after it
+            removing = asyncio.create_task(a.remove_plugin("t1", p))
+            await asyncio.sleep(0.1)  # the removal reaches DawDreamer only after `second`
+            first.set()
+            await adding  # created, and recorded
+            second.set()
+            await removing
+            for future in held:
+                future.result()
+            server.store.flush()
+            live = [q.id for q in engine.track("t1").plugins]
+            logged = [q["plugin_id"] for q in server.store.session_state("jam")["t1"]]
+            replayed = [q["plugin_id"] for q in server.store.state_at("jam")["t1"]]
+            assert live == logged == replayed
+            assert [q["plugin_id"] for q in (await b.session_state())["tracks"]["t1"]] == live
 
     run(scenario())
 
