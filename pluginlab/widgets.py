@@ -26,6 +26,7 @@ import contextvars
 import html
 import io
 import math
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,12 @@ class PluginPanel:
             pid: control_for(spec, values[pid]) for pid, spec in plugin.parameters.items()}
         self.texts = {pid: w.HTML(_code(self._placeholder(pid))) for pid in self.controls}
         self._stale_texts: set[str] = set()  # a binary's texts to read from the plugin
+        # Moves of this panel's controls not yet applied, per parameter, and the parameters
+        # whose control showed someone else's value meanwhile (see _send). Moves start on a
+        # widget thread, so both are guarded.
+        self._moves_lock = threading.Lock()
+        self._moving: dict[str, int] = {}
+        self._overtaken: set[str] = set()
         self._text_reader: Any = None  # the task reading them, while it runs
         self._closed = False
         if plugin.kind != "builtin":  # a built-in's placeholder is already its text
@@ -140,10 +147,16 @@ class PluginPanel:
                 return
             value = change["new"]
             value = float(value) if not isinstance(value, bool) else (1.0 if value else 0.0)
-            self._submit(self._send(pid, value))
+            with self._moves_lock:
+                self._moving[pid] = self._moving.get(pid, 0) + 1
+            if not self._submit(self._send(pid, value)):
+                self._moved(pid)
         return handler
 
     async def _send(self, pid: str, value: float) -> None:
+        """Apply one move. Its own echo is not shown (the control already shows it), but if
+        someone else's value reached the control while this panel's moves were on their way,
+        the last of them puts the control on the engine's value, which the core decided."""
         _ORIGIN.set(self)  # this task's context only (see _on_message)
         try:
             await self.lab.set(self.plugin, pid, value)
@@ -152,6 +165,19 @@ class PluginPanel:
         except Exception as exc:  # noqa: BLE001 - shown in the panel, control put back
             self._error(exc)
             self._show(pid, self.plugin.get(pid))
+        finally:
+            if self._moved(pid):
+                self._show(pid, self.plugin.get(pid))
+
+    def _moved(self, pid: str) -> bool:
+        """One move of ``pid`` is done; True when it was the last and the control was
+        overtaken by another value meanwhile."""
+        with self._moves_lock:
+            left = self._moving[pid] = self._moving.get(pid, 1) - 1
+            if left or pid not in self._overtaken:
+                return False
+            self._overtaken.discard(pid)
+            return True
 
     def _on_bypass(self, change: dict[str, Any]) -> None:
         if not _REMOTE.get():
@@ -166,12 +192,15 @@ class PluginPanel:
             with _remote():
                 self.bypass.value = self.plugin.bypass
 
-    def _submit(self, coro: Any) -> None:
-        """Hand ``coro`` to the lab's loop; a lab that is gone is reported in the panel."""
+    def _submit(self, coro: Any) -> bool:
+        """Hand ``coro`` to the lab's loop; a lab that is gone is reported in the panel
+        (False)."""
         try:
             self.lab.submit(coro)
         except RuntimeError as exc:
             self._error(exc)
+            return False
+        return True
 
     def _error(self, exc: Exception) -> None:
         self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
@@ -211,6 +240,9 @@ class PluginPanel:
         """Show ``values`` (from elsewhere) without sending them back."""
         for pid, value in values.items():
             if pid in self.controls:
+                with self._moves_lock:
+                    if self._moving.get(pid):
+                        self._overtaken.add(pid)
                 self._show(pid, float(value))
 
     def _show(self, pid: str, value: float) -> None:

@@ -227,6 +227,32 @@ def test_client_change_moves_the_slider_without_echo(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_slider_overtaken_by_a_colleague_ends_on_the_engines_value(tmp_path: Path) -> None:
+    """The notebook user moves a slider (on a widget thread) and a colleague's change of the
+    same parameter is applied first: the panel shows the colleague's value, then the user's
+    move is applied. The slider must end on the engine's value (it stayed on the colleague's,
+    since a panel never shows its own echo)."""
+    async def scenario() -> None:
+        async with running_lab(tmp_path) as lab:
+            reverb = await lab.add_plugin("drums", "Reverb")
+            panel = lab.panel(reverb)
+            slider = panel.controls["wet_dry"]
+            colleague = lab.studio.connect(lambda message: None, "colleague-host")
+            await lab.studio.execute(colleague, "AUTH", {"token": lab.token("colleague"),
+                                                         "session_id": "nb"})
+            mover = threading.Thread(target=setattr, args=(slider, "value", 0.8))
+            mover.start()
+            mover.join()  # blocks the loop: the move is queued on it, not applied yet
+            await lab.studio.execute(colleague, "PLUGIN_PARAMETER", {
+                "track_id": "drums", "plugin_id": reverb.id, "parameter_id": "wet_dry",
+                "parameter_value": 0.3})  # runs before the queued move
+            await eventually(lambda: reverb.get("wet_dry") == 0.8)
+            await eventually(lambda: slider.value == 0.8)
+            panel.close()
+
+    run(scenario())
+
+
 def test_binary_plugin_panel_shows_the_plugins_own_text(tmp_path: Path, vst_path: str) -> None:
     """A VST's labels show its own display text ("2.4 s"), read off the loop, also while a
     render holds the engine's owner thread, for the panel's own moves and a client's."""
