@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
@@ -94,8 +95,12 @@ class Throttle:
                 del self._pending[key]
 
     def _open(self, key: tuple[Hashable, ...]) -> None:
+        """Start ``key``'s window. Its end runs in a fresh context: the request that opened
+        the window may still be waiting for its reply (fsync), and a trailing value must not
+        be held behind that reply while newer values go out directly."""
         loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(self.window, self._window_end, key)
+        self._timers[key] = loop.call_later(self.window, self._window_end, key,
+                                            context=contextvars.Context())
 
     def _window_end(self, key: tuple[Hashable, ...]) -> None:
         self._timers.pop(key, None)

@@ -7,6 +7,7 @@ with which values, never how long anything took.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -128,6 +129,30 @@ def test_burst_is_coalesced_and_the_last_value_is_delivered() -> None:
         assert rec.fired == [{"x": 0}, {"x": 199}]
         throttle.submit(("p", "k"), {"x": 500}, rec)  # quiet again: leading edge
         assert rec.fired[-1] == {"x": 500}
+        throttle.flush()
+
+    run(scenario())
+
+
+_REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+def test_a_trailing_edge_runs_outside_the_context_that_opened_the_window() -> None:
+    """The server holds a request's broadcasts until its reply by a context variable; the
+    window's end must not inherit it from the request that opened the window."""
+    async def scenario() -> None:
+        throttle = Throttle(0.02)
+        seen: list[tuple[Any, str]] = []
+
+        def fire(values: dict[str, Any]) -> None:
+            seen.append((values["x"], _REQUEST.get()))
+
+        _REQUEST.set("first request")
+        throttle.submit(("p", "k"), {"x": 1}, fire)  # leading edge: in the request
+        throttle.submit(("p", "k"), {"x": 2}, fire)  # pending until the window ends
+        while len(seen) < 2:
+            await asyncio.sleep(0.01)
+        assert seen == [(1, "first request"), (2, "none")]
         throttle.flush()
 
     run(scenario())
