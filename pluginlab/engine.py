@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -524,7 +524,7 @@ class Engine:
         autos = self._automation_plan(automation or {})
         return self._owner.call(self._render_on_owner, *plan, autos)
 
-    async def render_async(
+    def render_async(
         self,
         seconds: float,
         *,
@@ -532,12 +532,14 @@ class Engine:
         sample_rate: int | None = None,
         block_size: int | None = None,
         automation: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-    ) -> np.ndarray:
+    ) -> Coroutine[Any, Any, np.ndarray]:
         """:meth:`render` (same arguments) as an awaitable: the event loop keeps running
-        meanwhile."""
+        meanwhile. The chain and values are taken when it is CALLED, like :meth:`render`'s
+        (``r = engine.render_async(2.0); plugin.gain = -20; await r`` renders the old gain),
+        and bad arguments raise right there."""
         plan = self._render_plan(seconds, track_id, sample_rate, block_size)
         autos = self._automation_plan(automation or {})
-        return await self._owner.run(self._render_on_owner, *plan, autos)
+        return self._owner.run(self._render_on_owner, *plan, autos)
 
     def write_wav(self, path: str | os.PathLike[str], audio: np.ndarray,
                   sample_rate: int | None = None) -> Path:

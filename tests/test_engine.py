@@ -501,6 +501,26 @@ def test_tracks_mix_to_the_sum(engine: Engine):
     assert np.allclose(engine.render(1.0), mixed, atol=1e-6)  # back to the mix after solos
 
 
+def test_render_async_renders_the_values_of_when_it_was_called(engine: Engine):
+    track = engine.add_track("t", NOISE)
+    utility = track.add("Utility")
+    utility.gain = -6.0
+    loud = track.render(0.5)
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray]:
+        first = engine.render_async(0.5)  # taken now, at -6 dB ...
+        utility.gain = -20.0
+        second = engine.render_async(0.5)  # ... and this one at -20 dB
+        return await first, await second
+
+    then, now = asyncio.run(scenario())
+    assert np.array_equal(then, loud)
+    level = 10 * np.log10(energy(now) / energy(then))
+    assert level == pytest.approx(-14.0, abs=0.01)
+    with pytest.raises(ValueError, match="seconds"):
+        engine.render_async(-1.0)  # refused at the call, not at the await
+
+
 def test_render_async_keeps_the_loop_running(engine: Engine):
     track = engine.add_track("t", NOISE)
     track.add("Reverb")
