@@ -11,7 +11,8 @@ DawDreamer do it:
   which makes the Faust compiler abort the whole process on the next compile;
 * parameter values are pushed just before a render, only those that changed;
 * the graph is (re)loaded only when its topology changed;
-* mono plugins in a stereo chain get small Faust adapters (downmix in, duplicate out).
+* mono plugins in a stereo chain get small Faust adapters (downmix in, duplicate out);
+  sidechain inputs get the signal itself (see :func:`_input_adapter`).
 """
 
 from __future__ import annotations
@@ -229,10 +230,11 @@ class Backend:
     def _append_plugin(self, graph: list[tuple[Any, list[str]]], uid: str, last: str | None) -> str:
         info = self._info[uid]
         inputs = [last] if last else []
-        if info.inputs == 1 and last:
-            down = self._adapter(f"{uid}__down", "process = _,_ :> *(0.5);")
-            graph.append((down, inputs))
-            inputs = [down.get_name()]
+        feed = _input_adapter(info.inputs, info.outputs)
+        if feed is not None and last:
+            adapter = self._adapter(f"{uid}__in", feed)
+            graph.append((adapter, inputs))
+            inputs = [adapter.get_name()]
         graph.append((self._procs[uid], inputs if info.inputs > 0 else []))
         name = uid
         if info.outputs == 1:
@@ -276,3 +278,20 @@ class Backend:
         if self._mixer is None:
             self._mixer = self._engine.make_add_processor("mix__", [1.0] * count)
         return self._mixer
+
+
+def _input_adapter(inputs: int, outputs: int) -> str | None:
+    """Faust code that feeds the stereo chain into a plugin's ``inputs`` (None: wire as is).
+
+    A mono plugin (one input or one output) gets the downmix ``0.5 * (L + R)``. Inputs beyond
+    the main one(s) are sidechain (key) inputs and get the signal itself, downmixed (self-keyed,
+    as the plugin behaves without an external key): a 2-in/1-out VST2 compressor used to get L
+    as its input and R as its key, so the right channel never reached the output.
+    """
+    if inputs <= 0 or (inputs == 2 and outputs != 1):
+        return None
+    mono = "_,_ :> *(0.5)"
+    if outputs == 1 or inputs == 1:
+        return f"process = {mono};" if inputs == 1 else \
+            f"process = {mono} <: {','.join(['_'] * inputs)};"
+    return f"process = _,_ <: _,_,{','.join([f'({mono})'] * (inputs - 2))};"

@@ -186,6 +186,40 @@ def test_preset_round_trip(engine: Engine, vst_path: str):
         vst.load_preset("Short Tail")
 
 
+def _require(path: str) -> None:
+    if not Path(path).exists():
+        if in_ci():
+            pytest.fail(f"{path} missing: apt-get install zam-plugins")
+        pytest.skip(f"{path} missing: apt-get install zam-plugins")
+
+
+def _tone_db(channel: np.ndarray, freq: float) -> float:
+    spectrum = np.abs(np.fft.rfft(channel * np.hanning(len(channel)))) / (len(channel) / 4)
+    return float(20 * np.log10(spectrum[int(round(freq * len(channel) / SR))] + 1e-12))
+
+
+def test_a_mono_plugin_with_a_sidechain_input_hears_both_channels(engine: Engine):
+    """ZamComp's VST2 has 2 inputs (main + sidechain) and 1 output: it gets the downmix on
+    both, like its 1-in VST3; the stereo pair used to go L -> main, R -> key, and the right
+    channel never reached the output."""
+    vst2 = "/usr/lib/vst/ZamComp-vst.so"
+    _require(vst2)
+    _require(ZAMCOMP_VST3)
+    n = np.arange(SR)
+    tones = np.vstack([0.2 * np.sin(2 * np.pi * 300 * n / SR),  # left: 300 Hz
+                       0.2 * np.sin(2 * np.pi * 1000 * n / SR)]).astype(np.float32)
+    track = engine.add_track("t", Source.from_array(tones, SR))
+    levels = {}
+    for path in (vst2, ZAMCOMP_VST3):
+        plugin = track.add("ZamComp", path)
+        out = track.render(1.0)[0]
+        levels[path] = (_tone_db(out, 300), _tone_db(out, 1000))
+        track.remove(plugin.id)
+    for low, high in levels.values():  # both tones at the downmix level, about -20 dB
+        assert low == pytest.approx(-20.0, abs=1.0) and high == pytest.approx(-20.0, abs=1.0)
+    assert levels[vst2] == pytest.approx(levels[ZAMCOMP_VST3], abs=0.1)
+
+
 def test_mono_vst3_in_a_stereo_chain(engine: Engine):
     if not Path(ZAMCOMP_VST3).exists():
         if in_ci():
