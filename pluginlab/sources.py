@@ -70,8 +70,15 @@ class Source:
     def from_array(cls, audio: np.ndarray, sample_rate: int) -> Source:
         """In-memory audio: ``(samples,)``, ``(channels, samples)`` or soundfile's
         ``(samples, channels)`` (recognised: 1 or 2 channels and more samples than that).
-        More than two channels, or no samples, raise ValueError (never a silent render)."""
-        a = np.asarray(audio, dtype=np.float32)
+
+        Integer PCM (``scipy.io.wavfile``'s int16/int32, uint8) is scaled to -1..1 full scale;
+        floats are taken as they are. ValueError (never a silent or exploding render) for more
+        than two channels, no samples, NaN or infinite samples, or a sample rate that is not a
+        positive whole number."""
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+                or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive whole number, got {sample_rate!r}")
+        a = _as_float(np.asarray(audio))
         if a.ndim == 2 and a.shape[1] <= 2 < a.shape[0]:
             a = a.T  # sf.read() gives (samples, channels)
         if a.ndim not in (1, 2) or a.shape[-1] == 0:
@@ -79,7 +86,10 @@ class Source:
         if a.ndim == 2 and a.shape[0] > 2:
             raise ValueError(f"{a.shape[0]} channels: pass the one or two to use "
                              f"(shape {a.shape}, expected (channels, samples))")
-        return cls("array", array=a, array_rate=sample_rate)
+        if not np.isfinite(a).all():
+            raise ValueError("audio holds NaN or infinite samples (they would poison the "
+                             "plugins' state)")
+        return cls("array", array=a, array_rate=int(sample_rate))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for snapshots and provenance)."""
@@ -128,6 +138,20 @@ def _stereo(audio: np.ndarray) -> np.ndarray:
     if a.shape[0] == 1:
         a = np.vstack([a, a])
     return np.ascontiguousarray(a[:2], dtype=np.float32)
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    """float32 samples; integer PCM scaled to full scale (int16 32768 -> 1.0, uint8 centred)."""
+    if a.dtype.kind == "i":
+        return (a.astype(np.float64) / float(2 ** (8 * a.dtype.itemsize - 1))).astype(np.float32)
+    if a.dtype.kind == "u":
+        half = float(2 ** (8 * a.dtype.itemsize - 1))
+        return ((a.astype(np.float64) - half) / half).astype(np.float32)
+    if a.dtype.kind == "b" or a.dtype.kind not in "fc":
+        raise ValueError(f"audio samples must be numbers, got dtype {a.dtype}")
+    if a.dtype.kind == "c":
+        raise ValueError("audio samples must be real numbers, got complex")
+    return a.astype(np.float32, copy=False)
 
 
 def _load_file(path: str, sample_rate: int) -> np.ndarray:

@@ -119,6 +119,25 @@ def test_array_in_soundfiles_layout_is_understood_and_bad_shapes_refused():
         Source.from_array(np.zeros((2, 3, 4)), rate)
 
 
+def test_integer_pcm_is_scaled_and_unusable_audio_refused():
+    """scipy.io.wavfile gives int16: a -6 dBFS sine must stay -6 dBFS (it came out +84)."""
+    rate = 44100
+    sine = 0.5 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+    for pcm in ((sine * 32768).astype(np.int16), (sine * 2**31).astype(np.int32),
+                (sine * 128 + 128).astype(np.uint8)):
+        rendered = Source.from_array(pcm, rate).render(rate)
+        assert 20 * np.log10(np.abs(rendered).max()) == pytest.approx(-6.02, abs=0.1), pcm.dtype
+    for bad in (np.r_[np.zeros(10), np.nan], np.r_[np.zeros(10), np.inf]):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            Source.from_array(bad, rate)
+    for bad_rate in (0, -44100, 44100.5, True):
+        with pytest.raises(ValueError, match="sample_rate"):
+            Source.from_array(np.zeros(100), bad_rate)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        Source.from_array(np.array(["a", "b"]), rate)
+    assert Source.from_array(np.zeros(100), np.int64(48000)).array_rate == 48000
+
+
 def test_file_source_feeds_a_track(engine: Engine):
     track = engine.add_track("drums", Source.file("drum_loop.wav"))
     dry = track.render(1.0)
