@@ -813,7 +813,11 @@ class Engine:
         current: the caller applies them (``plugin.update``) when it suits it, e.g. on the
         event loop right before recording, so no other change can land in between. A binary's
         preset with a state file is loaded into its processor here (on the owner thread) and
-        the values are what the plugin reports back. PresetLoadFailed if it is unknown or bad."""
+        the values are what the plugin reports back. PresetLoadFailed if it is unknown or bad.
+
+        A named preset is a whole sound: parameters it does not name go to their defaults, so
+        it sounds the same whatever was set before. A ``{id: value}`` mapping changes only the
+        parameters it names."""
         state: bytes | None = None
         if isinstance(preset, Mapping):
             params = dict(preset)
@@ -833,6 +837,8 @@ class Engine:
             raise PresetLoadFailed(plugin.id, exc.message) from None
         if state is not None:
             return self._state_values(plugin, state)
+        if isinstance(preset, str):
+            return {pid: spec.default for pid, spec in plugin.parameters.items()} | checked
         return checked
 
     def _save_state(self, plugin: Plugin) -> bytes:

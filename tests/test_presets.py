@@ -65,6 +65,22 @@ def test_save_and_load_by_name(engine: Engine, reverb):
     assert "My Room" not in PresetLibrary(user_dir=path.parent.parent / "elsewhere").names("reverb")
 
 
+def test_a_named_preset_sounds_the_same_whatever_was_set_before(engine: Engine):
+    """Factory presets name only some parameters; the others go to their defaults, so
+    "Minus 6 dB" after "Mono" is not mono (it was: width stayed 0)."""
+    stereo = np.random.default_rng(7).uniform(-0.3, 0.3, (2, 44100)).astype(np.float32)
+    track = engine.add_track("u", Source.from_array(stereo, 44100))
+    utility = track.add("Utility")
+    utility.load_preset("Minus 6 dB")
+    fresh = track.render(0.5)
+    assert not np.array_equal(fresh[0], fresh[1])  # stays stereo
+    utility.load_preset("Mono")
+    assert np.array_equal(*track.render(0.5))
+    values = utility.load_preset("Minus 6 dB")
+    assert values["width"] == utility.parameters["width"].default and values["gain"] == -6.0
+    assert np.array_equal(track.render(0.5), fresh)
+
+
 def test_load_from_dict(reverb):
     values = reverb.load_preset({"wet_dry": 0.1, "room_size": 0.95})
     assert values["wet_dry"] == 0.1 and values["room_size"] == 0.95
