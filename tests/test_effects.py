@@ -508,6 +508,15 @@ def test_oscillator_level_is_peak_dbfs(rig):
         assert np.abs(y).max() == pytest.approx(10 ** (level / 20), rel=0.01)
 
 
+@pytest.mark.parametrize("waveform", [0, 1, 2, 3])
+@pytest.mark.parametrize("freq", [20.0, 30.0, 1000.0])
+def test_every_waveform_peaks_at_its_level_also_at_low_frequencies(rig, waveform, freq):
+    """"level in dBFS (peak)": the triangle read 2 dB low at 20 Hz (a leaky integrator)."""
+    y = rig.render("oscillator", seconds=1.0, waveform=waveform, frequency=freq, level=-6.0)
+    steady = 20 * np.log10(np.abs(y[0, SR // 2:]).max())
+    assert steady == pytest.approx(-6.0, abs=0.15)
+
+
 def test_noise_colors_and_level(rig):
     white = rig.render("noise", seconds=2.0, color=0, level=0.0)
     pink = rig.render("noise", seconds=2.0, color=1, level=0.0)
