@@ -150,7 +150,8 @@ class PluginAddFailed(PluginlabError, ValueError):
 
     def __init__(self, name: str, plugin_path: str | None, reason: str) -> None:
         super().__init__(
-            f"cannot add plugin {name!r}: {reason}",
+            f"cannot add plugin {name!r}" + (f" from {plugin_path}" if plugin_path else "")
+            + f": {reason}",
             {"name": name, "plugin_path": plugin_path, "reason": reason},
         )
 

@@ -51,12 +51,15 @@ class ParameterSpec:
         """Return ``value`` as a float if acceptable, else raise ``InvalidParameter``.
 
         Accepted: real numbers (int, float, numpy scalars; not bool for non-bool kinds),
-        finite, within [min, max]; for choice parameters also a choice's name; for bool
+        finite, within [min, max]; for choice parameters also a choice's name (any case); for bool
         parameters also True/False.
         """
         if self.kind == "choice" and isinstance(value, str) and self.choices:
             if value in self.choices:
                 return float(self.choices.index(value))
+            folded = [c.casefold() for c in self.choices]  # "HighPass" is "highpass"
+            if value.casefold() in folded:
+                return float(folded.index(value.casefold()))
             raise InvalidParameter(
                 self.id, value, f"unknown choice; valid: {', '.join(self.choices)}"
             )

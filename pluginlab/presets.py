@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,19 @@ from typing import Any
 from .sources import DATA_DIR
 
 __all__ = ["FACTORY_DIR", "Preset", "PresetLibrary", "default_user_dir", "preset_key"]
+_log = logging.getLogger("pluginlab.presets")
+_warned: set[tuple[Path, float]] = set()
+
+
+def _skipped(path: Path, why: str) -> None:
+    """Warn once per version of a damaged preset file (listings read the folder often)."""
+    try:
+        key = (path, path.stat().st_mtime)
+    except OSError:
+        key = (path, 0.0)
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning("preset file %s skipped: %s", path, why)
 
 FACTORY_DIR = DATA_DIR / "presets"
 
@@ -140,12 +154,14 @@ class PresetLibrary:
         for path in sorted(folder.glob("*.json")):
             try:
                 body = json.loads(path.read_text())
-                params = body.get("parameters", {})
-                if not isinstance(params, dict):
-                    continue
-                name = str(body.get("name") or path.stem)
-            except (OSError, ValueError):
-                continue  # a damaged file is skipped, never fatal
+            except (OSError, ValueError) as exc:  # a damaged file is skipped, never fatal
+                _skipped(path, str(exc))
+                continue
+            params = body.get("parameters", {}) if isinstance(body, dict) else None
+            if not isinstance(params, dict):
+                _skipped(path, "no 'parameters' object")
+                continue
+            name = str(body.get("name") or path.stem)
             state = path.with_suffix(".state")
             presets.append(
                 Preset(name, params, factory, state if state.exists() else None, path))

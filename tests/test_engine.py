@@ -300,6 +300,9 @@ def test_choice_names_are_accepted(engine: Engine):
     filt = engine.add_track("t").add("Filter")
     filt.type = "highpass"
     assert filt.type == 1.0
+    filt.type = "BandPass"  # names are matched in any case, like built-in names
+    assert filt.type == 2.0
+    filt.type = "highpass"
     assert filt.text("type") == "highpass"
     filt.set("type", 2)
     assert filt.text("type") == "bandpass"
@@ -384,6 +387,7 @@ def test_existing_non_plugin_file_fails_and_engine_survives(engine: Engine, tmp_
     with pytest.raises(PluginAddFailed) as info:
         track.add("Reverb", str(fake))  # a built-in name does not rescue an existing bad file
     assert info.value.details["plugin_path"] == str(fake)
+    assert f"from {fake}:" in info.value.message  # which file could not be loaded
     assert [p.id for p in track] == [util.id]
     assert np.array_equal(track.render(0.5), before)
     added = track.add("Filter")

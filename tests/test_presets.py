@@ -162,12 +162,15 @@ def test_full_state_only_for_binaries(reverb, tmp_path: Path):
         reverb.save_state(tmp_path / "x.bin")
 
 
-def test_damaged_files_are_skipped(tmp_path: Path):
+def test_damaged_files_are_skipped_with_a_warning(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture):
     lib = PresetLibrary(user_dir=tmp_path)
     (tmp_path / "reverb").mkdir()
     (tmp_path / "reverb" / "junk.json").write_text("{not json")
     (tmp_path / "reverb" / "list.json").write_text(json.dumps({"parameters": [1, 2]}))
-    assert lib.names("reverb") == factory_names("reverb")
+    with caplog.at_level("WARNING", logger="pluginlab.presets"):
+        assert lib.names("reverb") == factory_names("reverb")
+    assert "junk.json skipped" in caplog.text and "list.json skipped" in caplog.text
 
 
 def test_keys_and_user_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
