@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 __all__ = ["FLAG_ENV", "JWT_ALGORITHMS", "ServerConfig"]
@@ -46,6 +47,9 @@ class ServerConfig:
     fsync: bool = False
     presets_dir: str | None = None
     strict_paths: bool = False
+    # folders (os.pathsep-separated) clients may load plugin binaries from; None = the
+    # standard VST folders (pluginlab.vst.default_dirs, with VST_PATH...); "*" = anywhere
+    plugin_dirs: str | None = None
     # comma-separated origins browsers may connect from ("http://localhost:3000,null");
     # None = any. Clients that send no Origin header (scripts) are always let in.
     allowed_origins: str | None = None
@@ -130,6 +134,22 @@ class ServerConfig:
         if not secret:
             raise ValueError(f"jwt_secret_file {self.jwt_secret_file!r} is empty")
         return secret
+
+    def plugin_folders(self) -> list[Path] | None:
+        """Resolved folders remote clients may load binaries from (None = anywhere)."""
+        if self.plugin_dirs is not None and self.plugin_dirs.strip() == "*":
+            return None
+        if self.plugin_dirs is None:
+            from .vst import default_dirs
+
+            folders = default_dirs()
+        else:
+            folders = [Path(p) for p in self.plugin_dirs.split(os.pathsep) if p.strip()]
+        out = []  # as written and resolved: a symlinked folder matches either way
+        for folder in folders:
+            out += [Path(os.path.abspath(folder.expanduser())),
+                    Path(os.path.realpath(folder.expanduser()))]
+        return list(dict.fromkeys(out))
 
     def origins(self) -> frozenset[str] | None:
         """The allowed browser origins (None = any)."""

@@ -25,10 +25,12 @@ import contextvars
 import hashlib
 import itertools
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,7 @@ from .errors import (
     AuthFailed,
     InternalError,
     InvalidMessage,
+    PluginAddFailed,
     PluginlabError,
     PluginNotFound,
     PresetLoadFailed,
@@ -59,6 +62,7 @@ from .messages import (
 )
 from .presets import PresetLibrary
 from .provenance import EventDraft
+from .vst import is_binary_path
 
 __all__ = ["Connection", "Session", "Studio"]
 
@@ -119,6 +123,7 @@ class Connection:
         self.identity: Identity | None = None
         self.session_id: str | None = None
         self.closed = False
+        self.trusted = not limited  # the host's own connection (a notebook lab's kernel)
         on = cfg.rate_limits and limited
         self.messages = SlidingWindow(cfg.messages_per_second if on else 0)
         self.plugin_ops = SlidingWindow(cfg.plugin_ops_per_second if on else 0)
@@ -494,6 +499,8 @@ class Studio:
     async def _plugin_add(self, conn: Connection, request: Request) -> dict[str, Any]:
         self._limit(conn.plugin_ops, "plugin_ops_per_second")
         d = request.data
+        if not conn.trusted:
+            self._check_plugin_folder(d["name"], d.get("plugin_path"))
         session = self._session_of(conn)
         engine = session.engine
         held: list[str] = []
@@ -534,6 +541,23 @@ class Studio:
                     "plugin": {"id": plugin.id, "name": plugin.name, "trackId": plugin.track_id,
                                "parameters": plugin.values}}
         return data
+
+    def _check_plugin_folder(self, name: str, plugin_path: str | None) -> None:
+        """PluginAddFailed when a client asks to load a binary from outside the server's
+        plugin folders: loading a shared library runs its code in the server, so remote
+        clients may only load what the host installed (``plugin_dirs``). A path that does
+        not exist loads nothing and is left to the placeholder rule."""
+        if not is_binary_path(plugin_path) or not os.path.exists(str(plugin_path)):
+            return
+        folders = self.config.plugin_folders()
+        if folders is None:
+            return
+        given = str(plugin_path)
+        candidates = {Path(os.path.abspath(given)), Path(os.path.realpath(given))}  # no ".."
+        if not any(c.is_relative_to(f) for c in candidates for f in folders):
+            raise PluginAddFailed(name, plugin_path, (
+                "outside the server's plugin folders: "
+                f"{os.pathsep.join(map(str, folders)) or '(none)'} (see --plugin-dirs)"))
 
     async def _plugin_remove(self, conn: Connection, request: Request) -> dict[str, Any]:
         self._limit(conn.plugin_ops, "plugin_ops_per_second")

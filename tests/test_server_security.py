@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -463,6 +464,36 @@ def test_only_allowed_browser_origins_may_connect(tmp_path: Path) -> None:
             ServerConfig(allowed_origins=" , ")
 
     (tmp_path / "open").mkdir()
+    run(scenario())
+
+
+@pytest.mark.vst
+def test_clients_load_binaries_only_from_the_servers_plugin_folders(
+        tmp_path: Path, vst_path: str) -> None:
+    """Loading a shared library runs its code in the server: a client may load what the host
+    installed in its plugin folders, not a file it placed elsewhere (copied here to /tmp)."""
+    copy = tmp_path / "uploads" / Path(vst_path).name
+    copy.parent.mkdir()
+    shutil.copy(vst_path, copy)
+    sneaky = f"{Path(vst_path).parent}/../../../{copy.relative_to('/')}"
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice") as (a,):
+            installed = await a.add_plugin("t", "Installed", vst_path)
+            assert installed["success"] and installed["resolved_as"] != "builtin"
+            for path in (str(copy), sneaky):
+                err = await error_of(a.add_plugin("t", "Uploaded", path))
+                assert err.code == "PLUGIN_ADD_FAILED" and err.details["plugin_path"] == path
+                assert "outside the server's plugin folders" in err.details["reason"]
+            assert [p["plugin_id"] for p in (await a.session_state())["tracks"]["t"]] == [
+                installed["plugin_id"]]
+        (tmp_path / "b").mkdir()
+        async with serving(tmp_path / "b", plugin_dirs=str(copy.parent)) as server, \
+                clients(server, "alice") as (a,):
+            assert (await a.add_plugin("t", "Uploaded", str(copy)))["success"]
+            err = await error_of(a.add_plugin("t", "Installed", vst_path))  # not listed now
+            assert err.code == "PLUGIN_ADD_FAILED"
+
     run(scenario())
 
 
