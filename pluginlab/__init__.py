@@ -19,7 +19,7 @@ from .client import Client, ClientError
 from .config import ServerConfig
 from .engine import Engine, Plugin, Track, builtin_names
 from .errors import ErrorCode, PluginlabError
-from .lab import Lab, start
+from .lab import Lab, RestoredSessionWarning, start
 from .parameters import ParameterSpec
 from .presets import PresetLibrary
 from .server import PluginServer
@@ -37,6 +37,7 @@ __all__ = [
     "PluginServer",
     "PluginlabError",
     "PresetLibrary",
+    "RestoredSessionWarning",
     "ServerConfig",
     "Source",
     "Track",

@@ -25,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .config import ServerConfig
 from .engine import Engine, Plugin
+from .provenance import JournalBusy
 from .server import PluginServer
 from .session import Connection, Studio
 from .sources import Source
 
-__all__ = ["Lab", "start"]
+__all__ = ["Lab", "RestoredSessionWarning", "start"]
 
 Listener = Callable[[dict[str, Any]], None]
 _CURRENT: Lab | None = None
@@ -48,6 +50,7 @@ async def start(
     user_id: str = "notebook",
     port: int = 0,
     db: str | None = "pluginlab.sqlite",
+    fresh: bool = False,
     **options: Any,
 ) -> Lab:
     """Start (or return the already running) notebook lab on the current loop.
@@ -56,24 +59,42 @@ async def start(
     ``debounce_window``, flags...); environment variables apply as for ``pluginlab serve``.
     Calling it again with the same arguments returns the running lab; with different ones the
     old lab is stopped first, so a port is never leaked.
+
+    The session comes back as the log ``db`` last recorded it (as for a restarted server):
+    after a kernel restart, a notebook that adds its plugins again would add them twice. So a
+    restored session is announced (a :class:`RestoredSessionWarning` listing its plugins), and
+    ``fresh=True`` starts it empty instead (its plugins are removed through the core, so the
+    log records that too). A ``db`` that another kernel's lab holds raises RuntimeError
+    saying to pass another ``db``.
     """
     global _CURRENT
-    key = (session_id, user_id, port, db, tuple(sorted(options.items())))
+    key = (session_id, user_id, port, db, fresh, tuple(sorted(options.items())))
     loop = asyncio.get_running_loop()
     if _CURRENT is not None and not _CURRENT.stopped:
         if _CURRENT._key == key and _CURRENT.loop is loop:
             return _CURRENT
         await _CURRENT._stop_from(loop)
     config = ServerConfig.from_env(port=port, db=db, **options)
-    server = await PluginServer(config).start()
+    try:
+        server = await PluginServer(config).start()
+    except JournalBusy:
+        raise RuntimeError(
+            f"{db} is in use by another lab (another notebook's kernel, or `pluginlab serve`): "
+            f"pass db='another.sqlite' to pluginlab.start(), or db=None for no log"
+        ) from None
     lab = Lab(server, session_id, user_id, key)
     try:
         await lab._join()
+        await lab._settle_restored(fresh)
     except BaseException:
         await server.stop()
         raise
     _CURRENT = lab
     return lab
+
+
+class RestoredSessionWarning(UserWarning):
+    """``pluginlab.start()`` brought back plugins its log had for the session."""
 
 
 class Lab:
@@ -90,6 +111,7 @@ class Lab:
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
         self.members: set[str] = set()
+        self.restored: dict[str, list[str]] = {}  # track -> plugin names the log brought back
         self.conn: Connection = self.studio.connect(self._deliver, "kernel", limited=False)
 
     # -- what the notebook sees ---------------------------------------------------------------
@@ -269,6 +291,25 @@ class Lab:
         reply = await self.request("AUTH", {"token": self.token(self.user_id),
                                             "session_id": self.session_id})
         self.members = set(reply["snapshot"]["members"])
+        self.restored = {
+            track: [p["name"] for p in plugins]
+            for track, plugins in reply["snapshot"]["tracks"].items() if plugins}
+
+    async def _settle_restored(self, fresh: bool) -> None:
+        """Empty a restored session (``fresh``), or say what came back."""
+        if not self.restored:
+            return
+        if fresh:
+            for plugin in list(self.engine.plugins.values()):
+                await self.remove_plugin(plugin)
+            self.restored = {}
+            return
+        listing = "; ".join(f"{track}: {', '.join(names)}" for track, names in self.restored.items())
+        warnings.warn(
+            f"session {self.session_id!r} was restored from {self.server.config.db}: "
+            f"{listing}. Plugins added again are added twice; pass fresh=True to "
+            "pluginlab.start() to start the session empty (or another session_id/db)",
+            RestoredSessionWarning, stacklevel=3)
 
     def _deliver(self, message: dict[str, Any]) -> None:
         if message.get("type") == "PRESENCE":

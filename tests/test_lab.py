@@ -29,6 +29,7 @@ from websockets.asyncio.client import connect as ws_connect
 import pluginlab
 from pluginlab import Client, Lab, Source
 from pluginlab.errors import InvalidParameter
+from pluginlab.provenance import ProvenanceStore
 from pluginlab.widgets import PluginPanel, PresencePanel, TrackPanel
 
 SETTLE = 0.25  # > the broadcast throttle window (50 ms) plus scheduling slack
@@ -104,6 +105,46 @@ def test_start_is_idempotent_and_restart_with_other_args_stops_the_old_lab(tmp_p
                 await other.stop()
                 await other.stop()  # idempotent
         assert lab_module._CURRENT is None
+
+    run(scenario())
+
+
+def test_a_restart_of_the_kernel_says_what_the_log_brought_back(tmp_path: Path) -> None:
+    """Run All after a kernel restart: the session comes back from the log. It is announced,
+    so adding the plugins again does not silently double the chain; fresh=True empties it."""
+    async def scenario() -> None:
+        first = await pluginlab.start("nb", **lab_options(tmp_path))
+        await first.add_plugin("drums", "Reverb")
+        await first.stop()
+        with pytest.warns(pluginlab.RestoredSessionWarning, match="drums: Reverb.*fresh=True"):
+            again = await pluginlab.start("nb", **lab_options(tmp_path))
+        assert again.restored == {"drums": ["Reverb"]}
+        assert [p.name for p in again.engine.track("drums").plugins] == ["Reverb"]
+        await again.stop()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fresh = await pluginlab.start("nb", fresh=True, **lab_options(tmp_path))
+        try:
+            assert fresh.restored == {} and not fresh.engine.plugins
+            await fresh.add_plugin("drums", "Reverb")
+            assert [p.name for p in fresh.engine.track("drums").plugins] == ["Reverb"]
+            fresh.store.flush()
+            assert [e.action for e in fresh.store.events("nb", action="plugin_remove")] == [
+                "plugin_remove"]  # emptied through the core: the log agrees
+        finally:
+            await fresh.stop()
+
+    run(scenario())
+
+
+def test_a_database_held_by_another_lab_says_what_to_do(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        held = ProvenanceStore(tmp_path / "lab.sqlite")  # another kernel's lab
+        try:
+            with pytest.raises(RuntimeError, match="in use by another lab.*pass db="):
+                await pluginlab.start("nb", **lab_options(tmp_path))
+        finally:
+            held.close()
 
     run(scenario())
 
