@@ -207,6 +207,7 @@ class Lab:
     async def render(self, seconds: float, track_id: str | None = None) -> Any:
         """Render without blocking the kernel's loop (the server keeps serving); the render
         is recorded as a DAID ``render`` event (see :meth:`Studio.render`)."""
+        self._check_running()
         return await self.studio.render(self.conn, seconds, track_id)
 
     # -- widgets --------------------------------------------------------------------------------

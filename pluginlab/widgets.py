@@ -104,6 +104,8 @@ class PluginPanel:
             for pid in self.controls:
                 self._refresh_text(pid)  # one owner call reads them all
         self.editing = {pid: w.HTML("") for pid in self.controls}
+        self._editors: dict[str, Any] = {}  # user -> the parameter their cursor is on
+        self._cursor_on: str | None = None  # the parameter this panel last announced
         self.bypass = w.ToggleButton(value=plugin.bypass, description="bypass", icon="power-off")
         self.presets = w.Dropdown(options=[""] + plugin.presets(), description="preset")
         self.preset_name = w.Text(placeholder="new preset name", layout=w.Layout(width="180px"))
@@ -159,6 +161,10 @@ class PluginPanel:
         the last of them puts the control on the engine's value, which the core decided."""
         _ORIGIN.set(self)  # this task's context only (see _on_message)
         try:
+            if self._cursor_on != pid:  # colleagues see what the notebook user edits
+                self._cursor_on = pid
+                await self.lab.cursor(track_id=self.plugin.track_id, plugin_id=self.plugin.id,
+                                      parameter_id=pid)
             await self.lab.set(self.plugin, pid, value)
             self._refresh_text(pid)
             self.status.value = ""
@@ -210,11 +216,15 @@ class PluginPanel:
             return
 
         async def load() -> None:
+            name = change["new"]
             try:
-                reply = await self.lab.preset(self.plugin, "load", change["new"])
+                reply = await self.lab.preset(self.plugin, "load", name)
                 self.apply(reply.get("parameters") or {})
+                self.status.value = f"loaded preset {html.escape(name)!r}"
             except Exception as exc:  # noqa: BLE001 - shown in the panel
                 self._error(exc)
+            with _remote():  # a load is an action, not a state: picking it again reloads it
+                self.presets.value = ""
 
         self._submit(load())
 
@@ -259,6 +269,14 @@ class PluginPanel:
 
     def _on_message(self, message: dict[str, Any]) -> None:
         data = message.get("data") or {}
+        if message.get("type") == "PRESENCE" and data.get("event") == "left":
+            if self._editors.pop(str(data.get("user_id")), None) is not None:
+                self._show_editors()  # who left edits nothing any more
+            return
+        if message.get("type") == "USER_CURSOR_UPDATE" and data.get("plugin_id") != self.plugin.id:
+            if self._editors.pop(str(data.get("user_id")), None) is not None:
+                self._show_editors()  # moved on to another plugin
+            return
         if data.get("plugin_id") != self.plugin.id:
             return
         kind = message.get("type")
@@ -274,9 +292,14 @@ class PluginPanel:
             with _remote():
                 self.bypass.value = bool(data.get("bypass"))
         elif kind == "USER_CURSOR_UPDATE":
-            user = data.get("user_id")
-            for pid, label in self.editing.items():
-                label.value = f"<i>✎ {user}</i>" if pid == data.get("parameter_id") else ""
+            self._editors[str(data.get("user_id"))] = data.get("parameter_id")
+            self._show_editors()
+
+    def _show_editors(self) -> None:
+        """Mark each parameter with everyone editing it (USER_CURSOR_UPDATE, per user)."""
+        for pid, label in self.editing.items():
+            users = sorted(u for u, edited in self._editors.items() if edited == pid)
+            label.value = f"<i>✎ {html.escape(', '.join(users))}</i>" if users else ""
 
     def _removed(self, user: str) -> None:
         """The plugin is gone: every control is disabled and the panel says who removed it."""
@@ -328,11 +351,12 @@ class TrackPanel:
         self.seconds = w.FloatText(value=seconds, description="seconds",
                                    layout=w.Layout(width="160px"))
         self.button = w.Button(description="render & play", icon="play")
+        self.status = w.HTML("")
         self.output = w.Output()
         self.last_audio: np.ndarray | None = None
         self.button.on_click(self._on_render)
         self.widget = w.VBox([*[p.widget for p in self.panels],
-                              w.HBox([self.seconds, self.button]), self.output])
+                              w.HBox([self.seconds, self.button, self.status]), self.output])
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
@@ -343,13 +367,24 @@ class TrackPanel:
         self.widget.close()
 
     def _on_render(self, _button: Any) -> None:
-        self.lab.submit(self.render())
+        async def render_or_say_why() -> None:
+            try:
+                await self.render()
+            except Exception as exc:  # noqa: BLE001 - a button has nobody to raise to
+                self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+
+        try:
+            self.lab.submit(render_or_say_why())
+        except RuntimeError as exc:  # the lab is stopped
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
 
     async def render(self) -> np.ndarray:
         """Render the track, show an audio player and a waveform/spectrum figure."""
         from IPython.display import Audio, Image
 
+        self.status.value = "<i>rendering...</i>"
         audio = await self.lab.render(float(self.seconds.value), self.track_id)
+        self.status.value = ""
         self.last_audio = audio
         rate = self.lab.engine.sample_rate
         self.output.clear_output()

@@ -445,6 +445,13 @@ def test_bypass_toggle_and_preset_dropdown(tmp_path: Path) -> None:
                 for pid, value in values.items():
                     assert panel.controls[pid].value == pytest.approx(value)
 
+                assert panel.presets.value == ""  # a load is an action: the same preset
+                await client.set_parameter("drums", reverb.id, "room_size", 0.99)
+                await eventually(lambda: panel.controls["room_size"].value == 0.99)
+                panel.presets.value = "Large Hall"  # can be picked again, and reloads
+                await eventually(lambda: reverb.get("room_size") == values["room_size"])
+                assert "loaded preset 'Large Hall'" in panel.status.value
+
                 panel.preset_name.value = "my room"
                 panel.save.click()
                 await eventually(lambda: "my room" in panel.presets.options)
@@ -461,12 +468,22 @@ def test_cursor_update_marks_the_parameter_being_edited(tmp_path: Path) -> None:
         async with running_lab(tmp_path) as lab:
             reverb = await lab.add_plugin("drums", "Reverb")
             panel = lab.panel(reverb)
-            async with colleague(lab) as client:
+            async with colleague(lab) as client, colleague(lab, "bob") as bob:
                 await client.cursor(plugin_id=reverb.id, parameter_id="pre_delay")
-                await eventually(lambda: "colleague" in panel.editing["pre_delay"].value)
-                assert "✎ colleague" in panel.editing["pre_delay"].value
+                await bob.cursor(plugin_id=reverb.id, parameter_id="damping")
+                await eventually(lambda: "bob" in panel.editing["damping"].value)
+                assert "✎ colleague" in panel.editing["pre_delay"].value  # both are shown
                 assert panel.editing["wet_dry"].value == ""
-            panel.close()
+                await bob.cursor(plugin_id=reverb.id, parameter_id="pre_delay")
+                await eventually(lambda: panel.editing["pre_delay"].value == "<i>✎ bob, colleague</i>")
+                assert panel.editing["damping"].value == ""
+
+                panel.controls["wet_dry"].value = 0.6  # the notebook user's own move is
+                seen = await client.wait_for(  # announced to the others, once per parameter
+                    "USER_CURSOR_UPDATE", lambda m: m["data"].get("user_id") == "notebook")
+                assert seen["data"]["parameter_id"] == "wet_dry"
+            await eventually(lambda: all(label.value == "" for label in panel.editing.values()))
+            panel.close()  # both left: their marks are gone
 
     run(scenario())
 
@@ -491,7 +508,25 @@ def test_track_panel_renders_audio_into_its_output(tmp_path: Path) -> None:
             panel.button.click()
             await eventually(lambda: panel.last_audio is not None
                              and panel.last_audio.shape[1] == 11025)
+
+            panel.seconds.value = 0.0  # a refused render says why, next to the button
+            panel.button.click()
+            await eventually(lambda: "seconds must be a positive" in panel.status.value)
+            assert panel.last_audio.shape[1] == 11025  # nothing else changed
             panel.close()
+
+    run(scenario())
+
+
+def test_a_track_panel_of_a_stopped_lab_says_so(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lab = await pluginlab.start("nb", **lab_options(tmp_path))
+        await lab.add_plugin("drums", "Reverb")
+        panel = lab.track_panel("drums", seconds=0.25)
+        await lab.stop()
+        panel.button.click()
+        await eventually(lambda: "lab is stopped" in panel.status.value)
+        panel.close()
 
     run(scenario())
 
