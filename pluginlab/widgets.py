@@ -311,8 +311,16 @@ class PluginPanel:
     def _placeholder(self, pid: str) -> str:
         """What a parameter's text shows before a binary's own text arrives."""
         if self.plugin.kind == "builtin":
-            return self.plugin.text(pid)
+            return self._builtin_text(pid)
         return f"{self.plugin.get(pid):.3f}"
+
+    def _builtin_text(self, pid: str) -> str:
+        """A built-in's display text, or "" where it would only repeat the slider's own
+        readout (a number without a unit: "0.30 0.30")."""
+        spec = self.plugin.parameters[pid]
+        if spec.kind == "float" and not spec.unit:
+            return ""
+        return self.plugin.text(pid)
 
     def _refresh_text(self, pid: str) -> None:
         """Show the display text of ``pid``'s current value.
@@ -322,7 +330,7 @@ class PluginPanel:
         one owner call, and the label keeps its previous text until then (the loop never waits).
         """
         if self.plugin.kind == "builtin":
-            self.texts[pid].value = _code(self.plugin.text(pid))
+            self.texts[pid].value = _code(self._builtin_text(pid))
             return
         self._stale_texts.add(pid)
         if self._text_reader is None:

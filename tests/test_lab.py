@@ -210,7 +210,11 @@ def test_slider_move_reaches_engine_store_and_other_clients(tmp_path: Path) -> N
                 event = lab.store.event(update["data"]["daid"])
                 assert (event.action, event.user_id, event.details["value"]) == (
                     "parameter_update", "notebook", 0.6)
-                assert "0.6" in panel.texts["wet_dry"].value or "60" in panel.texts["wet_dry"].value
+                assert panel.texts["wet_dry"].value == "<code></code>"  # the readout says it
+                panel.controls["pre_delay"].value = 35  # a unit: the text adds it
+                await client.wait_for("PLUGIN_STATE_UPDATE",
+                                      lambda m: "pre_delay" in m["data"]["parameters"])
+                assert panel.texts["pre_delay"].value == "<code>35 ms</code>"
             panel.close()
 
     run(scenario())
