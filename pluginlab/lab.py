@@ -40,8 +40,8 @@ __all__ = ["Lab", "RestoredSessionWarning", "start"]
 
 Listener = Callable[[dict[str, Any]], None]
 _CURRENT: Lab | None = None
-_SHOWN_LOCALLY = frozenset({"PLUGIN_PARAMETER", "PLUGIN_PARAMETER_BATCH", "PLUGIN_BYPASS",
-                            "PLUGIN_PRESET", "PLUGIN_REMOVE"})
+_SHOWN_LOCALLY = frozenset({"PLUGIN_ADD", "PLUGIN_PARAMETER", "PLUGIN_PARAMETER_BATCH",
+                            "PLUGIN_BYPASS", "PLUGIN_PRESET", "PLUGIN_REMOVE"})
 
 
 async def start(

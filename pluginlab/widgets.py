@@ -34,6 +34,7 @@ import ipywidgets as w
 import numpy as np
 
 from .engine import Plugin
+from .errors import PluginlabError
 from .parameters import ParameterSpec
 
 if TYPE_CHECKING:
@@ -350,7 +351,9 @@ class PluginPanel:
 
 
 class TrackPanel:
-    """A track's chain as panels, plus render-and-play with waveform and spectrum."""
+    """A track's chain as panels, plus render-and-play with waveform and spectrum. The chain
+    follows the session: a plugin anyone adds to the track gets its panel (in chain order),
+    a removed one's panel goes."""
 
     def __init__(self, lab: Lab, track_id: str, seconds: float = 4.0) -> None:
         self.lab = lab
@@ -363,16 +366,46 @@ class TrackPanel:
         self.output = w.Output()
         self.last_audio: np.ndarray | None = None
         self.button.on_click(self._on_render)
-        self.widget = w.VBox([*[p.widget for p in self.panels],
-                              w.HBox([self.seconds, self.button, self.status]), self.output])
+        self._controls = w.HBox([self.seconds, self.button, self.status])
+        self.widget = w.VBox()
+        self._layout()
+        self._unlisten = lab.listen(self._on_message)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def close(self) -> None:
+        self._unlisten()
         for panel in self.panels:
             panel.close()
         self.widget.close()
+
+    def _layout(self) -> None:
+        self.widget.children = [*[p.widget for p in self.panels], self._controls, self.output]
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        data = message.get("data") or {}
+        kind = message.get("type")
+        if data.get("track_id") != self.track_id or kind not in ("PLUGIN_ADD", "PLUGIN_REMOVE"):
+            return
+        if kind == "PLUGIN_REMOVE":
+            gone = [p for p in self.panels if p.plugin.id == data.get("plugin_id")]
+            for panel in gone:
+                self.panels.remove(panel)
+                panel.close()
+        else:
+            try:
+                plugin = self.lab.plugin(str(data.get("plugin_id")))
+            except PluginlabError:
+                return  # already removed again
+            if any(p.plugin is plugin for p in self.panels):
+                return
+            chain = list(self.lab.engine.track(self.track_id).plugins)
+            panel = PluginPanel(self.lab, plugin)
+            self.panels.append(panel)
+            order = {p.id: i for i, p in enumerate(chain)}
+            self.panels.sort(key=lambda p: order.get(p.plugin.id, len(order)))
+        self._layout()
 
     def _on_render(self, _button: Any) -> None:
         async def render_or_say_why() -> None:

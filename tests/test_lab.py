@@ -522,6 +522,28 @@ def test_track_panel_renders_audio_into_its_output(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_track_panel_follows_the_chain(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_lab(tmp_path) as lab:
+            filt = await lab.add_plugin("drums", "Filter")
+            panel = lab.track_panel("drums", seconds=0.25)
+            names = lambda: [p.plugin.name for p in panel.panels]
+            async with colleague(lab) as client:
+                await client.add_plugin("drums", "Reverb")  # a colleague's
+                await eventually(lambda: names() == ["Filter", "Reverb"])
+                await lab.add_plugin("drums", "Delay")  # the notebook's own
+                assert names() == ["Filter", "Reverb", "Delay"]
+                await client.remove_plugin("drums", filt.id)
+                await eventually(lambda: names() == ["Reverb", "Delay"])
+                assert [c for c in panel.widget.children][:2] == [p.widget for p in panel.panels]
+                await client.add_plugin("other", "Utility")  # another track: not this panel
+                await client.ping()
+                assert names() == ["Reverb", "Delay"]
+            panel.close()
+
+    run(scenario())
+
+
 def test_a_track_panel_of_a_stopped_lab_says_so(tmp_path: Path) -> None:
     async def scenario() -> None:
         lab = await pluginlab.start("nb", **lab_options(tmp_path))
