@@ -21,7 +21,8 @@ __all__ = ["FLAG_ENV", "JWT_ALGORITHMS", "ServerConfig"]
 JWT_ALGORITHMS = ("HS256", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 # Limits where 0 means "no limit" (negative values are refused).
 _LIMITS = ("messages_per_second", "parameter_changes_per_second", "plugin_ops_per_second",
-           "cursor_updates_per_second", "connections_per_user", "auth_max_failures")
+           "cursor_updates_per_second", "connections_per_user", "auth_max_failures",
+           "max_plugins_per_session", "max_plugins")
 # Durations in seconds: finite and >= 0.
 _SECONDS = ("jwt_leeway", "auth_failure_window", "auth_block_seconds", "debounce_window")
 
@@ -71,6 +72,11 @@ class ServerConfig:
     plugin_ops_per_second: int = 10
     cursor_updates_per_second: int = 30
     connections_per_user: int = 5
+    # plugins in memory: each built-in costs ~2.4 MiB (a VST ~0.5 MiB), so one client adding
+    # at the plugin-ops limit could fill the RAM; the host's own lab is not counted against
+    # the per-session cap
+    max_plugins_per_session: int = 64
+    max_plugins: int = 512
     debounce_window: float = 0.05
     # feature flags
     enable_new_plugin_system: bool = True

@@ -24,6 +24,7 @@ __all__ = [
     "ALIASES",
     "HANDSHAKE_ID",
     "LEGACY_TYPES",
+    "MAX_ID",
     "REQUEST_TYPES",
     "Request",
     "decode_strict",
@@ -70,6 +71,14 @@ LEGACY_FIELDS = {
 
 _STR = (str,)
 MAX_PRESET_NAME = 200  # characters
+MAX_ID = 128  # characters of a track, plugin, parameter or session id (and a plugin's name)
+MAX_PATH = 4096  # characters of a plugin_path (PATH_MAX)
+MAX_CURSOR_POSITION = 1024  # bytes of a cursor's position as JSON (it is relayed to everyone)
+# Ids are copied into every reply, broadcast, snapshot, DAID and index: unbounded ones let one
+# member make a session's snapshot too big for anyone to join.
+_BOUNDED = {"track_id": MAX_ID, "plugin_id": MAX_ID, "parameter_id": MAX_ID,
+            "session_id": MAX_ID, "user_id": MAX_ID, "name": MAX_ID,
+            "plugin_path": MAX_PATH, "preset_name": MAX_PRESET_NAME}
 _MAX_INDEX = 2**31 - 1  # a chain position; larger ints cannot index a list
 # type -> {field: (allowed python types, required)}; values are checked, not coerced.
 _FIELDS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -277,14 +286,17 @@ def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             expected = "/".join(t.__name__ for t in types if t is not type(None))
             raise InvalidMessage(f"expected {expected}, got {type(value).__name__}", name)
-        if name == "preset_name" and isinstance(value, str) and len(value) > MAX_PRESET_NAME:
-            raise InvalidMessage(f"longer than {MAX_PRESET_NAME} characters", name)
+        if isinstance(value, str) and len(value) > _BOUNDED.get(name, len(value)):
+            raise InvalidMessage(f"longer than {_BOUNDED[name]} characters", name)
         if name == "track_id" and not value and msg_type != "UPDATE_PARAMETER":
             raise InvalidMessage("must not be empty", name)  # (legacy: "" = find by plugin)
         if name == "index" and isinstance(value, int) and not -_MAX_INDEX <= value <= _MAX_INDEX:
             raise InvalidMessage(f"out of range [-{_MAX_INDEX}, {_MAX_INDEX}]", name)
     if msg_type in ("PLUGIN_PARAMETER", "UPDATE_PARAMETER") and "parameter_value" not in data:
         raise InvalidMessage("required field missing", "parameter_value")
+    if msg_type == "USER_CURSOR_UPDATE" and data.get("position") is not None \
+            and len(dumps(data["position"]).encode()) > MAX_CURSOR_POSITION:
+        raise InvalidMessage(f"larger than {MAX_CURSOR_POSITION} bytes as JSON", "position")
 
 
 def envelope(

@@ -31,6 +31,8 @@ _UNITS = {
     "auth_failure_window": "seconds", "auth_block_seconds": "seconds",
     "auth_max_failures": "0 = never block", "debounce_window": "seconds, 0 = off",
     "connections_per_user": "0 = no limit",
+    "max_plugins_per_session": "plugins clients may have in one session; 0 = no limit",
+    "max_plugins": "plugins in the server's memory, all sessions; 0 = no limit",
     "plugin_dirs": "folders (':'-separated) clients may load plugin binaries from; unset = "
                    "the standard VST folders; '*' = anywhere (loading a binary runs its code)",
     "jwt_secret_file": "file whose first line is the HS256 secret (kept out of ps and env)",

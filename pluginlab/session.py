@@ -53,6 +53,7 @@ from .errors import (
 from .limits import SlidingWindow, Throttle
 from .messages import (
     LEGACY_TYPES,
+    MAX_ID,
     Request,
     decode_strict,
     dumps_ascii,
@@ -386,6 +387,8 @@ class Studio:
                 session_id = f"session_{uuid.uuid4().hex[:12]}"
         if not isinstance(session_id, str) or not session_id:
             raise InvalidMessage("must be a non-empty string", "session_id")
+        if len(session_id) > MAX_ID:  # also one given at the handshake
+            raise InvalidMessage(f"longer than {MAX_ID} characters", "session_id")
         if not identity.may_join(session_id):
             self._fail(conn, AuthFailed("session not allowed"))
         # legacy_user / anonymous_user are shared placeholders, not one person: the
@@ -511,6 +514,8 @@ class Studio:
 
         try:
             async with session.structure:
+                if not conn.trusted:  # under the lock: racing adds are counted one by one
+                    self._check_plugin_count(d["name"], d.get("plugin_path"), session)
                 plugin = await asyncio.to_thread(
                     engine.add_plugin, d["track_id"], d["name"], d.get("plugin_path"),
                     plugin_id=d.get("plugin_id") or None, index=d.get("index"), reserved=hold,
@@ -541,6 +546,20 @@ class Studio:
                     "plugin": {"id": plugin.id, "name": plugin.name, "trackId": plugin.track_id,
                                "parameters": plugin.values}}
         return data
+
+    def _check_plugin_count(self, name: str, plugin_path: str | None, session: Session) -> None:
+        """PluginAddFailed at ``max_plugins_per_session`` plugins in the session, or
+        ``max_plugins`` in the server's memory (0 = no limit)."""
+        cfg = self.config
+        here = len(session.engine.plugins) + len(session.creating)
+        if cfg.max_plugins_per_session and here >= cfg.max_plugins_per_session:
+            raise PluginAddFailed(name, plugin_path, (
+                f"this session has {here} plugins, the server's limit "
+                "(max_plugins_per_session); remove one first"))
+        total = sum(len(s.engine.plugins) + len(s.creating) for s in self.sessions.values())
+        if cfg.max_plugins and total >= cfg.max_plugins:
+            raise PluginAddFailed(name, plugin_path, (
+                f"the server holds {total} plugins, its limit (max_plugins)"))
 
     def _check_plugin_folder(self, name: str, plugin_path: str | None) -> None:
         """PluginAddFailed when a client asks to load a binary from outside the server's

@@ -896,17 +896,16 @@ def test_frame_too_big_closes_only_that_connection(tmp_path: Path) -> None:
     run(scenario())
 
 
-def test_a_near_limit_relay_reaches_members_intact(tmp_path: Path) -> None:
-    """A cursor of 200k non-ASCII characters (~600 KB, under the 1 MiB frame limit) reaches
-    a Python Client and a raw websockets member (default 1 MiB limit) without dropping them:
-    text goes out as UTF-8, not as 6-byte escapes that doubled it past the limit."""
+def test_relayed_text_goes_out_as_utf8(tmp_path: Path) -> None:
+    """Non-ASCII text is relayed as UTF-8 (3 bytes for "✓"), not as 6-byte escapes that made
+    relays up to 6x longer than what their sender sent."""
     async def scenario() -> None:
         async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b), \
                 ws_connect(server.url, proxy=None) as raw:  # websockets' default limits
             await raw.send(json.dumps({"type": "AUTH", "data": {
                 "token": server.token("carol"), "session_id": "jam"}}))
             assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
-            label = "\u2713" * 200_000
+            label = "\u2713" * 300  # 900 bytes as UTF-8, under the cursor's 1024
             await a.send_raw(json.dumps({"type": "USER_CURSOR_UPDATE", "data": {
                 "position": {"label": label}}}, ensure_ascii=False))  # as browsers send
             relay = await b.wait_for("USER_CURSOR_UPDATE")
@@ -915,26 +914,79 @@ def test_a_near_limit_relay_reaches_members_intact(tmp_path: Path) -> None:
                 frame = await asyncio.wait_for(raw.recv(), 10)
                 if '"USER_CURSOR_UPDATE"' in frame:
                     break
-            assert len(frame.encode()) < 620_000  # ~3 bytes per character, not 6
+            assert label in frame and "\\u2713" not in frame  # the text itself
             assert json.loads(frame)["data"]["position"]["label"] == label
-            assert (await b.request("PING", {}))["type"] == "PONG"  # still connected
-            await raw.send(json.dumps({"type": "PING"}))
-            assert json.loads(await raw.recv())["type"] == "PONG"
 
     run(scenario())
 
 
 def test_the_python_client_sends_utf8_and_escapes_only_what_is_not_unicode(
         tmp_path: Path) -> None:
+    from pluginlab.client import _dumps
+
+    assert _dumps({"label": "\u2713"}) == '{"label": "\u2713"}'  # as browsers send it
+    assert _dumps({"bad": "a\ud800"}) == '{"bad": "a\\ud800"}'  # not Unicode: escaped
+
     async def scenario() -> None:
         async with serving(tmp_path) as server, clients(server, "alice", "bob") as (a, b):
-            label = "\u2713" * 200_000  # 600 KB as UTF-8; 1.2 MB as escapes, over the limit
-            await a.cursor(position={"label": label})
+            await a.cursor(position={"label": "\u2713" * 300})
             relay = await b.wait_for("USER_CURSOR_UPDATE")
-            assert relay["data"]["position"]["label"] == label
+            assert relay["data"]["position"]["label"] == "\u2713" * 300
             err = await error_of(a.add_plugin("t\ud800", "Reverb"))
             assert err.code == "INVALID_MESSAGE" and "surrogate" in err.message["data"]["error"]
             assert (await a.request("PING", {}))["type"] == "PONG"
+
+    run(scenario())
+
+
+def test_plugins_in_memory_are_capped_per_session_and_per_server(tmp_path: Path) -> None:
+    """Each plugin costs memory (a built-in ~2.4 MiB): one client adding at the plugin-ops
+    limit could fill the RAM. Racing adds are counted one by one."""
+    async def scenario() -> None:
+        async with serving(tmp_path, max_plugins_per_session=3, max_plugins=5,
+                           rate_limits=False) as server, \
+                clients(server, "alice") as (a,), \
+                clients(server, "bob", session="other") as (b,):
+            results = await asyncio.gather(*(a.add_plugin("t", "Utility") for _ in range(5)),
+                                           return_exceptions=True)
+            added = [r for r in results if isinstance(r, dict)]
+            refused = [r for r in results if isinstance(r, ClientError)]
+            assert len(added) == 3 and len(refused) == 2
+            assert refused[0].code == "PLUGIN_ADD_FAILED"
+            assert "max_plugins_per_session" in refused[0].details["reason"]
+            await b.add_plugin("t", "Utility")
+            await b.add_plugin("t", "Utility")
+            err = await error_of(b.add_plugin("t", "Utility"))  # 5 in the server
+            assert "max_plugins" in err.details["reason"]
+            await a.remove_plugin("t", added[0]["plugin_id"])  # room again
+            assert (await b.add_plugin("t", "Utility"))["success"]
+
+    run(scenario())
+
+
+def test_ids_and_cursors_are_bounded(tmp_path: Path) -> None:
+    """Ids are copied into every reply, broadcast, snapshot and DAID; a cursor goes to
+    everyone: long ones are INVALID_MESSAGE, so no member can bloat what others receive."""
+    async def scenario() -> None:
+        async with serving(tmp_path) as server, clients(server, "alice") as (a,):
+            long = "x" * 129
+            for call, field in ((a.add_plugin(long, "Reverb"), "track_id"),
+                                (a.add_plugin("t", "Reverb", plugin_id=long), "plugin_id"),
+                                (a.add_plugin("t", long), "name"),
+                                (a.add_plugin("t", "Reverb", "/" + "p" * 4096), "plugin_path")):
+                err = await error_of(call)
+                assert (err.code, err.details["field"]) == ("INVALID_MESSAGE", field)
+                assert "longer than" in err.details["reason"]
+            ok = await a.add_plugin("t" * 128, "Reverb", plugin_id="p" * 128)  # at the limit
+            assert ok["success"]
+            await a.send_raw(json.dumps({"id": "big", "type": "USER_CURSOR_UPDATE", "data": {
+                "position": {"x": "y" * 1100}}}))
+            refused = await a.wait_for("ERROR", lambda m: m["id"] == "big")
+            assert refused["data"]["details"]["field"] == "position"
+            with pytest.raises(ClientError) as info:
+                await a.authenticate(server.token("alice"), session_id="s" * 129)
+            assert info.value.details["field"] == "session_id"
+            assert (await a.ping())["type"] == "PONG"
 
     run(scenario())
 
