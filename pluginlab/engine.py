@@ -802,7 +802,10 @@ class Engine:
         if not isinstance(name, str) or not name.strip():
             raise PresetLoadFailed(plugin.id, "preset_name must be a non-empty string")
         state = self._save_state(plugin) if plugin.kind == "binary" else None
-        return self.presets.save(plugin.preset_key, name, plugin.name, plugin.values, state)
+        try:
+            return self.presets.save(plugin.preset_key, name, plugin.name, plugin.values, state)
+        except ValueError as exc:  # e.g. the per-type preset limit
+            raise PresetLoadFailed(plugin.id, str(exc)) from None
 
     def _load_preset(self, plugin: Plugin, preset: str | Mapping[str, Any]) -> dict[str, float]:
         plugin.update(self.preset_values(plugin, preset))

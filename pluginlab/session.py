@@ -663,8 +663,8 @@ class Studio:
         name = d.get("preset_name")
         base = {"track_id": plugin.track_id, "plugin_id": plugin.id, "action": action,
                 "success": True}
-        if action == "list":
-            listing = self.presets.describe(plugin.preset_key)
+        if action == "list":  # reads the folder: off the loop
+            listing = await asyncio.to_thread(self.presets.describe, plugin.preset_key)
             return {**base, "presets": [p["name"] for p in listing], "preset_info": listing}
         if action == "save":
             if not name:

@@ -162,6 +162,27 @@ def test_full_state_only_for_binaries(reverb, tmp_path: Path):
         reverb.save_state(tmp_path / "x.bin")
 
 
+def test_user_presets_per_type_are_capped_and_listings_see_every_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("pluginlab.presets.MAX_USER_PRESETS", 3)
+    engine = Engine(presets=PresetLibrary(user_dir=tmp_path))
+    try:
+        reverb = engine.add_track("t").add("Reverb")
+        for k in range(3):
+            reverb.save_preset(f"take {k}")
+        with pytest.raises(PresetLoadFailed, match="3 user presets for this plugin type"):
+            reverb.save_preset("take 3")
+        reverb.wet_dry = 0.9
+        reverb.save_preset("take 1")  # overwriting one is fine, and seen at once
+        assert reverb.load_preset("take 1")["wet_dry"] == 0.9
+        reverb.delete_preset("take 0")
+        assert "take 0" not in reverb.presets()
+        reverb.save_preset("take 3")  # room again
+        assert {"take 1", "take 2", "take 3"} <= set(reverb.presets())
+    finally:
+        engine.close()
+
+
 def test_damaged_files_are_skipped_with_a_warning(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture):
     lib = PresetLibrary(user_dir=tmp_path)
