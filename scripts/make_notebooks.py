@@ -70,7 +70,9 @@ import pluginlab
 from pluginlab import Source
 {imports}
 
-workdir = Path(tempfile.mkdtemp(prefix="{prefix}"))   # removed by the last cell
+if "workdir" not in globals() or not workdir.exists():   # kept when this cell is re-run,
+    workdir = Path(tempfile.mkdtemp(prefix="{prefix}"))  # so start() returns the same lab
+                                                   # (the last cell removes it)
 lab = await pluginlab.start(
     "{session}",                                  # the session this notebook joins
     db=str(workdir / "provenance.sqlite"),        # the DAID event log (SQLite)
@@ -740,6 +742,10 @@ def external_plugins() -> nbformat.NotebookNode:
 
         Bypass takes the plugin out of the signal path (the built-in filter alone remains).
         A user preset of a binary keeps its full state next to the values.
+        Saving a binary's full state makes some DPF plugins (the Zam ones) try to open their editor
+        window; without a display they print assertion failures and shader errors in red below the
+        cell. That output comes from the plugin itself and is harmless: the preset is saved and
+        loads back exactly (the cell checks it).
         """),
         code("""
         if choice is not None:
