@@ -104,6 +104,8 @@ class Authenticator:
             raise AuthFailed("token algorithm not allowed") from None
         except jwt.InvalidSignatureError:
             raise AuthFailed("bad signature") from None
+        except jwt.InvalidKeyError:  # PyJWT's text shows internals (a generator's repr)
+            raise AuthFailed("token signed for another kind of key") from None
         except jwt.PyJWTError as exc:
             raise AuthFailed(f"invalid token: {exc}") from None
         user = claims.get("sub") or claims.get("user_id") or claims.get("userId")

@@ -81,8 +81,8 @@ def load_public_key(value: str, algorithm: str | None = None) -> str:
     text = value
     if "-----BEGIN" not in value:
         if not os.path.isfile(value):
-            raise ValueError(f"jwt_public_key: no such file {value!r} (give a PEM file or "
-                             "PEM text)")
+            what = "is a folder" if os.path.isdir(value) else "no such file"
+            raise ValueError(f"jwt_public_key: {value!r} {what} (give a PEM file or PEM text)")
         with open(value, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     try:

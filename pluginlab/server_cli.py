@@ -175,6 +175,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         if os.path.exists(key):
             with open(key) as fh:
                 key = fh.read()
+        mismatch = _key_pair_mismatch(key, auth.config.public_key)
+        if mismatch:
+            return _fail(mismatch)
         auth.config = replace(auth.config, private_key=key)
     kwargs: dict[str, Any] = {"lifetime": args.lifetime}
     if args.session:
@@ -187,6 +190,27 @@ def cmd_token(args: argparse.Namespace) -> int:
         return _fail(exc)
     print(json.dumps({"token": token}) if args.json else token)
     return 0
+
+
+def _key_pair_mismatch(private_pem: str, public_pem: str | None) -> str | None:
+    """Why ``private_pem`` cannot sign tokens ``public_pem`` verifies (None: it can): a token
+    from a mismatched pair would be refused by the server, after the fact."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        private = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        return f"--private-key: not an unencrypted PEM private key ({exc})"
+    if public_pem is None:
+        return None
+    mine = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    theirs = serialization.load_pem_public_key(public_pem.encode()).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if mine != theirs:
+        return ("--private-key does not belong to --jwt-public-key: the server would refuse "
+                "its tokens")
+    return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

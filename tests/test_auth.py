@@ -180,6 +180,14 @@ def test_rs256_signed_by_another_key_is_refused(rsa_keys: tuple[str, str]) -> No
     assert reason(Authenticator(AuthConfig(public_key=public)), token) == "bad signature"
 
 
+def test_a_token_for_another_kind_of_key_is_refused_in_plain_words(
+        rsa_keys: tuple[str, str]) -> None:
+    _, public = rsa_keys  # an RSA server key; an EC-signed token
+    token = jwt.encode(claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+    said = reason(Authenticator(AuthConfig(public_key=public)), token)
+    assert said == "token signed for another kind of key"  # not PyJWT's generator repr
+
+
 def test_es256_with_a_public_key() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key().public_bytes(serialization.Encoding.PEM,

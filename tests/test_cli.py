@@ -144,7 +144,8 @@ def _public_key(tmp_path: Path) -> Path:
     (["--path", "ws"], {}, "path must start with '/'"),
     (["--port", "70000"], {}, "port must be 0..65535"),
     (["--jwt-algorithm", "HS999"], {}, "jwt_algorithm must be one of"),
-    (["--jwt-public-key", "missing.pub"], {}, "jwt_public_key: no such file 'missing.pub'"),
+    (["--jwt-public-key", "missing.pub"], {}, "jwt_public_key: 'missing.pub' no such file"),
+    (["--jwt-public-key", "."], {}, "jwt_public_key: '.' is a folder"),
     (["--jwt-public-key", "ec.pub", "--jwt-secret", "s" * 32], {}, "not both"),
     (["--jwt-public-key", "ec.pub", "--jwt-algorithm", "RS256"], {}, "an EC key"),
     ([], {"PLUGINLAB_MESSAGES_PER_SECOND": "abc"}, "messages_per_second: expected a number"),
@@ -211,3 +212,18 @@ def test_the_secret_can_live_in_a_file(tmp_path: Path) -> None:
     auth, generated = build_authenticator(
         ServerConfig(jwt_secret_file=str(tmp_path / "secret.txt")))
     assert not generated and auth.verify(done.stdout.strip()).user_id == "alice"
+
+
+def test_token_refuses_a_private_key_that_does_not_match_the_public_one(tmp_path: Path):
+    """A token from a mismatched pair would only be refused later, by the server."""
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    other = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "ec.pem").write_bytes(ec_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "other.pub").write_bytes(other.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    done = run_cli("token", "alice", "--jwt-public-key", "other.pub", "--private-key",
+                   "ec.pem", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert "does not belong to --jwt-public-key" in done.stderr
