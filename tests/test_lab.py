@@ -293,6 +293,10 @@ def test_a_slider_overtaken_by_a_colleague_ends_on_the_engines_value(tmp_path: P
                 "parameter_value": 0.3})  # runs before the queued move
             await eventually(lambda: reverb.get("wet_dry") == 0.8)
             await eventually(lambda: slider.value == 0.8)
+            assert slider.value == reverb.get("wet_dry") == 0.8  # the engine's value, shown
+            lab.store.flush()
+            last = lab.store.events("nb", action="parameter_update")[-1]
+            assert (last.user_id, last.details["value"]) == ("notebook", 0.8)  # applied last
             panel.close()
 
     run(scenario())
@@ -552,6 +556,7 @@ def test_a_track_panel_of_a_stopped_lab_says_so(tmp_path: Path) -> None:
         await lab.stop()
         panel.button.click()
         await eventually(lambda: "lab is stopped" in panel.status.value)
+        assert panel.last_audio is None and panel.output.outputs == ()  # nothing rendered
         panel.close()
 
     run(scenario())
