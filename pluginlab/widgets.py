@@ -76,6 +76,11 @@ def _code(text: str) -> str:
     return f"<code>{html.escape(text)}</code>"
 
 
+def _error_html(exc: BaseException) -> str:
+    """An error as a panel's status line shows it."""
+    return f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+
+
 def _on_step(value: float, lo: float, step: float) -> float:
     if step <= 0:
         return value
@@ -210,7 +215,7 @@ class PluginPanel:
         return True
 
     def _error(self, exc: Exception) -> None:
-        self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+        self.status.value = _error_html(exc)
 
     def _on_preset(self, change: dict[str, Any]) -> None:
         if _REMOTE.get() or not change["new"]:
@@ -412,12 +417,12 @@ class TrackPanel:
             try:
                 await self.render()
             except Exception as exc:  # noqa: BLE001 - a button has nobody to raise to
-                self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+                self.status.value = _error_html(exc)
 
         try:
             self.lab.submit(render_or_say_why())
         except RuntimeError as exc:  # the lab is stopped
-            self.status.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+            self.status.value = _error_html(exc)
 
     async def render(self) -> np.ndarray:
         """Render the track, show an audio player and a waveform/spectrum figure."""
