@@ -63,6 +63,7 @@ from .messages import (
 )
 from .presets import PresetLibrary
 from .provenance import EventDraft
+from .tentative import Tentative
 from .vst import is_binary_path
 
 __all__ = ["Connection", "Session", "Studio"]
@@ -72,6 +73,7 @@ log = logging.getLogger("pluginlab.session")
 Send = Callable[[dict[str, Any]], None]
 SendMany = Callable[[list[dict[str, Any]]], None]
 _conn_ids = itertools.count(1)
+_BYPASS = ("bypass",)  # the bypass flag's key among a change's previous values (no parameter id)
 
 
 class _InFlight:
@@ -196,6 +198,7 @@ class Studio:
         self.connections: dict[str, Connection] = {}
         self._session_lock = asyncio.Lock()
         self._preset_lock = asyncio.Lock()  # preset saves and deletes, one at a time
+        self._tentative = Tentative()  # changes applied but not yet recorded (replies_wait)
         self._releasing: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, Handler] = {
             "AUTH": self._auth, "PING": self._ping,
@@ -582,15 +585,15 @@ class Studio:
         self._limit(conn.plugin_ops, "plugin_ops_per_second")
         session = self._session_of(conn)
         plugin = self._plugin(session, request)
-        state = plugin.state()
         async with session.structure:
+            index = list(session.engine.track(plugin.track_id).plugins).index(plugin)
             await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
             try:
                 daid = await self._record(conn, [self._draft(
                     conn, "plugin_remove", "plugin", plugin.id, "delete",
                     {"track_id": plugin.track_id, "plugin_id": plugin.id})])
-            except Exception:
-                await asyncio.to_thread(session.engine.restore, {plugin.track_id: [state]})
+            except Exception:  # put it back as it was when removed, at its place in the chain
+                await asyncio.to_thread(self._put_back_plugin, session, plugin, index)
                 raise
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "success": True,
                 "daid": daid}
@@ -598,6 +601,12 @@ class Studio:
         self._broadcast(session, conn, "PLUGIN_REMOVE", data)
         self._state_update(session, conn, plugin, "removed", daid, None)
         return data
+
+    @staticmethod
+    def _put_back_plugin(session: Session, plugin: Plugin, index: int) -> None:
+        """Undo a removal: the plugin again, with its values and bypass, at ``index``."""
+        restored, = session.engine.restore({plugin.track_id: [plugin.state()]})
+        session.engine.move_plugin(restored.id, index)
 
     async def _parameter(self, conn: Connection, request: Request) -> dict[str, Any]:
         d = request.data
@@ -642,13 +651,11 @@ class Studio:
         bypass = request.data["bypass"]
         before = plugin.bypass
         session.engine.set_bypass(plugin.id, bypass)
-        try:
-            daid = await self._record(conn, [self._draft(
-                conn, "plugin_bypass", "plugin", plugin.id, "bypass",
-                {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass})])
-        except Exception:
-            session.engine.set_bypass(plugin.id, before)
-            raise
+        daid = await self._record(conn, [self._draft(
+            conn, "plugin_bypass", "plugin", plugin.id, "bypass",
+            {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass})],
+            plugin, {_BYPASS: before},
+            lambda restore: session.engine.set_bypass(plugin.id, restore[_BYPASS]))
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass,
                 "success": True, "daid": daid}
         self._broadcast(session, conn, "PLUGIN_BYPASS", data)
@@ -770,15 +777,19 @@ class Studio:
                            "update", details)
 
     async def _record(self, conn: Connection, drafts: list[EventDraft],
-                      plugin: Plugin | None = None,
-                      previous: dict[str, Any] | None = None) -> str | None:
+                      plugin: Plugin | None = None, previous: dict[Any, Any] | None = None,
+                      put_back: Callable[[dict[Any, Any]], Any] | None = None) -> str | None:
         """Append events durably; returns the last DAID (None when tracking is off).
 
-        If they cannot be recorded, ``plugin``'s parameters are put back to ``previous`` (the
-        change was applied first) and InternalError is raised.
+        The change was applied first; ``previous`` maps what it changed on ``plugin`` (parameter
+        ids) to the values before. If the events cannot be recorded the change is undone with
+        ``put_back`` (default ``plugin.update``), given only the values no later change has
+        overwritten meanwhile (see :mod:`pluginlab.tentative`), and InternalError is raised.
         """
         if not self.tracking or not drafts:
             return None
+        undoable = plugin is not None and bool(previous)
+        waiting = self._waiting_changes(conn, plugin, previous) if undoable else []
         try:
             pending = self.store.append_many_async(drafts)
             # The store enqueues synchronously when the coroutine starts, before the loop can
@@ -788,11 +799,36 @@ class Studio:
                 current.signal_applied()
             events = await pending
         except Exception as exc:  # the client's request was fine; our log refused it
-            if plugin is not None and previous:
-                plugin.update({k: v for k, v in previous.items() if v is not None})
+            if undoable:
+                assert plugin is not None and previous is not None
+                restore = self._undo_waiting(waiting) if waiting else previous
+                restore = {k: v for k, v in restore.items() if v is not None}
+                if restore:
+                    (put_back or plugin.update)(restore)
             log.exception("provenance store refused %d event(s)", len(drafts))
             raise InternalError("the change could not be recorded; it was not applied") from exc
+        for key, change in waiting:
+            self._tentative.recorded(key, change)
         return str(events[-1].daid)
+
+    def _waiting_changes(self, conn: Connection, plugin: Plugin | None,
+                         previous: dict[Any, Any] | None) -> list[tuple[Any, Any]]:
+        """When replies wait for the store, other changes can land before this one is
+        recorded: note it in the ledger of tentative changes. Otherwise nothing can come in
+        between and undoing simply restores ``previous``."""
+        if not self.replies_wait or plugin is None or not previous:
+            return []
+        keys = [(conn.session_id, plugin.id, k) for k in previous]
+        return [(key, self._tentative.applied(key, previous[key[2]])) for key in keys]
+
+    def _undo_waiting(self, waiting: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        """The values to put back for failed changes that no later change overwrote."""
+        restore = {}
+        for key, change in waiting:
+            newest, value = self._tentative.failed(key, change)
+            if newest:
+                restore[key[2]] = value
+        return restore
 
     def _send(self, conn: Connection, message: dict[str, Any]) -> None:
         if not conn.closed:

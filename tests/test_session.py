@@ -68,6 +68,16 @@ class Peer:
             assert reply["id"] == body["id"]
         return reply
 
+    async def answer(self, msg_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`send` while others' broadcasts may arrive meanwhile: the reply by id."""
+        self._ids += 1
+        request_id = f"{self.name}_{self._ids}"
+        await self.studio.receive(self.conn, json.dumps(
+            {"id": request_id, "type": msg_type, "data": data}))
+        replies = [m for m in self.outbox if m["id"] == request_id]
+        assert len(replies) == 1, replies
+        return replies[0]
+
     async def ok(self, msg_type: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
         reply = await self.send(msg_type, data)
         assert reply["type"] != "ERROR", reply
@@ -446,6 +456,107 @@ def test_a_change_that_cannot_be_recorded_is_undone(tmp_path: Path) -> None:
             assert state["bypass"] is False
             tracks = (await alice.ok("SESSION_STATE_GET"))["snapshot"]["tracks"]
             assert [p["plugin_id"] for p in tracks["t"]] == [pid]
+
+    run(scenario())
+
+
+def test_a_failed_remove_puts_the_plugin_back_at_its_place(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = FailingStore()
+        async with studio_rig(tmp_path, store=store) as rig:
+            alice = await rig.peer("alice")
+            first = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))
+            second = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}))
+            base = {"track_id": "t", "plugin_id": first["plugin_id"]}
+            await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
+                                                "parameter_value": 0.7})
+            store.fail = True
+            assert (await alice.error("PLUGIN_REMOVE", base))["code"] == "INTERNAL_ERROR"
+            store.fail = False
+            chain = (await alice.ok("SESSION_STATE_GET"))["snapshot"]["tracks"]["t"]
+            assert [p["plugin_id"] for p in chain] == [first["plugin_id"], second["plugin_id"]]
+            assert chain[0]["parameters"]["wet_dry"] == 0.7
+
+    run(scenario())
+
+
+def _failing_when(store: ProvenanceStore, doomed: Any) -> tuple[asyncio.Event, list[Any]]:
+    """Make ``store``'s appends whose first draft satisfies ``doomed`` wait for the returned
+    gate, then fail as a full disk would; the others are recorded for real (``fsync``: the
+    reply waits). The second item lists the drafts waiting at the gate."""
+    gate, waiting = asyncio.Event(), []
+    append = store.append_many_async
+
+    async def append_or_fail(drafts: list[Any]) -> list[Any]:
+        if doomed(drafts[0]):
+            waiting.append(drafts[0])
+            await gate.wait()
+            raise OSError(28, "No space left on device")
+        return await append(drafts)
+
+    store.append_many_async = append_or_fail  # type: ignore[method-assign]
+    return gate, waiting
+
+
+@pytest.mark.parametrize("acknowledged_first", [True, False])
+def test_undoing_a_failed_change_never_overwrites_a_later_acknowledged_one(
+        tmp_path: Path, acknowledged_first: bool) -> None:
+    """fsync: Alice's change waits for its record when Bob changes the same parameter and is
+    acknowledged; Alice's record then fails. Bob's value must stay (it is in the log)."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            gate, waiting = _failing_when(rig.store, lambda d: d.user_id == "alice")
+            alices = asyncio.ensure_future(alice.answer(
+                "PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry", "parameter_value": 0.9}))
+            while not waiting:
+                await asyncio.sleep(0.005)
+            if acknowledged_first:
+                await bob.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
+                                                  "parameter_value": 0.2})
+                gate.set()
+                assert (await alices)["data"]["code"] == "INTERNAL_ERROR"
+            else:
+                bobs = asyncio.ensure_future(bob.ok("PLUGIN_PARAMETER", {
+                    **base, "parameter_id": "wet_dry", "parameter_value": 0.2}))
+                await asyncio.sleep(0.05)  # Bob's change applied, its record under way
+                gate.set()
+                assert (await alices)["data"]["code"] == "INTERNAL_ERROR"
+                await bobs
+            got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
+            assert got["parameters"]["wet_dry"] == 0.2
+            logged = [e.details["value"] for e in rig.store.events("jam")
+                      if e.action == "parameter_update"]
+            assert logged == [0.2]
+
+    run(scenario())
+
+
+def test_undoing_two_failed_changes_restores_the_value_from_before_both(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            before = (await alice.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
+            gate, waiting = _failing_when(rig.store, lambda d: d.action != "auth")
+            sent = [asyncio.ensure_future(peer.answer(msg_type, {**base, **data}))
+                    for peer, msg_type, data in (
+                        (alice, "PLUGIN_PARAMETER", {"parameter_id": "wet_dry",
+                                                     "parameter_value": 0.9}),
+                        (bob, "PLUGIN_PARAMETER_BATCH", {"parameters": {"wet_dry": 0.1}}),
+                        (alice, "PLUGIN_BYPASS", {"bypass": True}),
+                        (bob, "PLUGIN_BYPASS", {"bypass": True}))]
+            while len(waiting) < 4:
+                await asyncio.sleep(0.005)
+            gate.set()
+            assert all(r["type"] == "ERROR" for r in await asyncio.gather(*sent))
+            got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
+            assert got["parameters"]["wet_dry"] == before and got["bypass"] is False
+            assert len(rig.studio._tentative) == 0
 
     run(scenario())
 
