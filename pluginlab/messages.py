@@ -31,6 +31,9 @@ __all__ = [
     "dumps",
     "dumps_ascii",
     "envelope",
+    "legacy_added",
+    "legacy_broadcasts",
+    "legacy_updated",
     "now_iso",
     "parse",
 ]
@@ -297,6 +300,36 @@ def _check_fields(msg_type: str, data: dict[str, Any]) -> None:
     if msg_type == "USER_CURSOR_UPDATE" and data.get("position") is not None \
             and len(dumps(data["position"]).encode()) > MAX_CURSOR_POSITION:
         raise InvalidMessage(f"larger than {MAX_CURSOR_POSITION} bytes as JSON", "position")
+
+
+def legacy_added(data: dict[str, Any]) -> dict[str, Any]:
+    """The old system's PLUGIN_ADDED data for a PLUGIN_ADD reply or broadcast ``data``."""
+    return {"success": True, "pluginId": data["plugin_id"], **data,
+            "plugin": {"id": data["plugin_id"], "name": data["name"],
+                       "trackId": data["track_id"], "parameters": data["parameters"]}}
+
+
+def legacy_updated(data: dict[str, Any]) -> dict[str, Any]:
+    """The old system's PARAMETER_UPDATED data for one parameter change ``data``
+    (``plugin_id``, ``parameter_id``, ``parameter_value``, ...)."""
+    return {"success": True, "pluginId": data["plugin_id"], "parameterId": data["parameter_id"],
+            "value": data["parameter_value"], **data}
+
+
+def legacy_broadcasts(msg_type: str, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """What an old client understands of a broadcast: PLUGIN_ADDED for an add and one
+    PARAMETER_UPDATED per parameter a change, batch or preset load set; nothing for the rest
+    (old clients only know these two, and ignore other types)."""
+    if msg_type == "PLUGIN_ADD":
+        return [("PLUGIN_ADDED", legacy_added(data))]
+    if msg_type == "PLUGIN_PARAMETER":
+        return [("PARAMETER_UPDATED", legacy_updated(data))]
+    if msg_type in ("PLUGIN_PARAMETER_BATCH", "PLUGIN_PRESET") and data.get("parameters"):
+        base = {k: v for k, v in data.items() if k != "parameters"}
+        return [("PARAMETER_UPDATED", legacy_updated(
+                    {**base, "parameter_id": pid, "parameter_value": value}))
+                for pid, value in data["parameters"].items()]
+    return []
 
 
 def envelope(

@@ -58,6 +58,9 @@ from .messages import (
     decode_strict,
     dumps_ascii,
     envelope,
+    legacy_added,
+    legacy_broadcasts,
+    legacy_updated,
     now_iso,
     parse,
 )
@@ -126,6 +129,7 @@ class Connection:
         self.identity: Identity | None = None
         self.session_id: str | None = None
         self.closed = False
+        self.legacy = False  # it sent the old format: broadcasts also go out in old shapes
         self.trusted = not limited  # the host's own connection (a notebook lab's kernel)
         on = cfg.rate_limits and limited
         self.messages = SlidingWindow(cfg.messages_per_second if on else 0)
@@ -163,6 +167,7 @@ class Session:
     # changes is the engine's: an add must not compute its index from a chain whose removal
     # is still waiting (behind a render) to be recorded.
     structure: asyncio.Lock = field(default_factory=asyncio.Lock)
+    speaks_legacy: bool = False  # a member spoke the old format (broadcasts then check who)
 
     def user_ids(self) -> list[str]:
         return sorted({c.user_id for c in self.members.values() if c.user_id})
@@ -336,6 +341,8 @@ class Studio:
             raise UnknownMessageType(request.raw_type)
         if msg_type == "PLUGIN_PARAMETER_BATCH" and not cfg.enable_parameter_batching:
             raise UnknownMessageType(request.raw_type)
+        if request.legacy:
+            conn.legacy = True  # an old client: its broadcasts get the old shapes too
         if msg_type not in ("AUTH", "PING") and not conn.authenticated:
             if request.legacy and cfg.allow_anonymous:
                 await self._join(conn, None, None, "legacy_session", request.id,
@@ -350,6 +357,8 @@ class Studio:
             raise Unauthorized(f"token lacks permission {permission}",
                                {"required_permission": permission})
         session = self.sessions.get(conn.session_id) if conn.session_id else None
+        if session is not None and conn.legacy:
+            session.speaks_legacy = True
         if session is None:
             data = await self._handlers[msg_type](conn, request)
         else:
@@ -410,6 +419,7 @@ class Studio:
             self.auth.record_success(conn.address)
         conn.identity, conn.session_id = identity, session_id
         session.members[conn.id] = conn
+        session.speaks_legacy |= conn.legacy
         if not rejoin and not self._present_elsewhere(session, conn):  # per user, not per tab
             self._broadcast(session, conn, "PRESENCE", {"event": "joined",
                                                         "user_id": conn.user_id})
@@ -545,9 +555,7 @@ class Studio:
         self._broadcast(session, conn, "PLUGIN_ADD", data)
         self._state_update(session, conn, plugin, "added", daid, plugin.values)
         if request.legacy:
-            return {"success": True, "pluginId": plugin.id, **data,
-                    "plugin": {"id": plugin.id, "name": plugin.name, "trackId": plugin.track_id,
-                               "parameters": plugin.values}}
+            return legacy_added(data)
         return data
 
     def _check_plugin_count(self, name: str, plugin_path: str | None, session: Session) -> None:
@@ -624,8 +632,7 @@ class Studio:
                 if plugin.kind == "builtin" else None, "success": True, "daid": daid}
         self._relay(session, conn, plugin, (plugin.id, pid), {pid: applied}, daid, "PLUGIN_PARAMETER")
         if request.legacy:
-            return {"success": True, "pluginId": plugin.id, "parameterId": pid, "value": applied,
-                    **data}
+            return legacy_updated(data)
         return data
 
     async def _batch(self, conn: Connection, request: Request) -> dict[str, Any]:
@@ -851,12 +858,26 @@ class Studio:
             return
         message = envelope(msg_type, data, user_id=user_id or sender.user_id,
                            session_id=session.id)
+        outgoing = [(member, message) for member in others]
+        if session.speaks_legacy and any(member.legacy for member in others):
+            outgoing += self._legacy_broadcasts(others, msg_type, data, user_id or sender.user_id,
+                                                session.id)
         current = _in_flight.get()
         if current is not None and current.open:
-            current.held.extend((member, message) for member in others)  # after the reply
+            current.held.extend(outgoing)  # after the reply
         else:
-            for member in others:
-                self._send(member, message)
+            for member, each in outgoing:
+                self._send(member, each)
+
+    @staticmethod
+    def _legacy_broadcasts(members: list[Connection], msg_type: str, data: dict[str, Any],
+                           user_id: str | None, session_id: str
+                           ) -> list[tuple[Connection, dict[str, Any]]]:
+        """The broadcast again in the old shapes (fields at the top level too), for the
+        members that spoke the old format; they follow the new-format message."""
+        translated = [envelope(t, d, user_id=user_id, session_id=session_id, top_level=d)
+                      for t, d in legacy_broadcasts(msg_type, data)]
+        return [(member, each) for member in members if member.legacy for each in translated]
 
     def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
                       daid: str | None, parameters: dict[str, float] | None) -> None:

@@ -64,9 +64,9 @@ class OldPluginClient:
 
     async def _send(self, msg_type: str, data: dict[str, Any], reply: str) -> dict[str, Any]:
         await self.client.send_raw(json.dumps({"type": msg_type, "data": data}))
-        message = await self.client.wait_for(reply)
+        # others' changes reach an old client in the same shapes, with a bcast_ id
+        message = await self.client.wait_for(reply, lambda m: m["id"].startswith("legacy_"))
         check_envelope(message)
-        assert message["id"].startswith("legacy_")
         return message  # the old client's "result" is the message itself
 
     async def add_plugin(self, track_id: str, name: str, path: str) -> dict[str, Any]:
@@ -206,6 +206,42 @@ def test_legacy_client_that_never_authenticates_with_allow_anonymous(tmp_path: P
             # the new client sees the legacy plugin and can drive it in the new format
             params = await watcher.get_parameters(TRACK, added["pluginId"])
             assert params["parameters"]["wet_dry"] == 0.7
+
+    run(scenario())
+
+
+def test_old_clients_receive_others_changes_in_the_old_shapes(tmp_path: Path) -> None:
+    """An old front end only understands PLUGIN_ADDED and PARAMETER_UPDATED (fields at the top
+    level): others' adds, changes, batches and preset loads reach it in those shapes too,
+    while clients speaking the new format get new-format broadcasts only."""
+    async def scenario() -> None:
+        async with serving(tmp_path, allow_anonymous=True) as server, AsyncExitStack() as stack:
+            new = await connect(server, USER, "legacy_session", stack=stack)
+            adder = OldPluginClient(await connect(server, stack=stack))
+            watcher = OldPluginClient(await connect(server, stack=stack))
+            first = await watcher.add_plugin("t0", "Utility", "Utility")  # now known as old
+            added = await adder.add_plugin(TRACK, "Reverb", REVERB_PATH)
+            seen = await watcher.client.wait_for(
+                "PLUGIN_ADDED", lambda m: m["pluginId"] == added["pluginId"])
+            assert seen["id"].startswith("bcast_") and seen["user_id"] == "legacy_user"
+            assert seen["plugin"]["trackId"] == TRACK
+            assert seen["plugin"]["parameters"]["wet_dry"] == added["plugin"]["parameters"][
+                "wet_dry"]
+            await adder.update_parameter(added["pluginId"], "wet_dry", 0.7)
+            seen = await watcher.client.wait_for("PARAMETER_UPDATED",
+                                                 lambda m: m["id"].startswith("bcast_"))
+            assert (seen["pluginId"], seen["parameterId"], seen["value"]) == (
+                added["pluginId"], "wet_dry", 0.7)
+            await new.set_parameters(TRACK, added["pluginId"], {"room_size": 0.2, "damping": 0.9})
+            await new.preset("t0", first["pluginId"], "load", preset_data={"gain": -6.0})
+            batch = {(m["parameterId"], m["value"]) for m in [
+                await watcher.client.wait_for("PARAMETER_UPDATED", lambda m, p=p: (
+                    m["parameterId"] == p and m["user_id"] == USER))
+                for p in ("room_size", "damping", "gain")]}
+            assert batch == {("room_size", 0.2), ("damping", 0.9), ("gain", -6.0)}
+            await new.ping()
+            assert not new.received("PLUGIN_ADDED") and not new.received("PARAMETER_UPDATED")
+            assert new.received("PLUGIN_ADD") and new.received("PLUGIN_PARAMETER")
 
     run(scenario())
 
