@@ -15,7 +15,7 @@ loop and ``lab.panel(plugin)`` shows sliders bound to it (see :mod:`pluginlab.la
 
 from __future__ import annotations
 
-from .client import Client, ClientError
+from .client import Client, ClientConnectionError, ClientError
 from .config import ServerConfig
 from .engine import Engine, Plugin, Track, builtin_names
 from .errors import ErrorCode, PluginlabError
@@ -28,6 +28,7 @@ from .vst import scan
 
 __all__ = [
     "Client",
+    "ClientConnectionError",
     "ClientError",
     "Engine",
     "ErrorCode",
