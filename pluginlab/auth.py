@@ -25,6 +25,7 @@ from typing import Any
 import jwt
 
 from .errors import AuthFailed
+from .messages import MAX_ID
 
 __all__ = ["PERMISSIONS", "AuthConfig", "Authenticator", "Identity", "generate_secret"]
 
@@ -111,6 +112,8 @@ class Authenticator:
         user = claims.get("sub") or claims.get("user_id") or claims.get("userId")
         if not isinstance(user, str) or not user:
             raise AuthFailed("token has no subject")
+        if len(user) > MAX_ID:  # it is copied into every message and event of the user
+            raise AuthFailed(f"token subject longer than {MAX_ID} characters")
         if claimed_user_id not in (None, "") and claimed_user_id != user:
             raise AuthFailed("user_id does not match token subject")
         return Identity(user, _sessions(claims), _permissions(claims), claims)
@@ -126,9 +129,12 @@ class Authenticator:
     ) -> str:
         """A signed token for ``user_id`` valid for ``lifetime`` seconds.
 
-        Unknown permissions raise ValueError. With a public key the algorithm is the
-        configured one, else the private key's (RS256 for RSA, ES256 for EC P-256).
+        Unknown permissions, and a ``user_id`` that is empty or longer than 128 characters,
+        raise ValueError. With a public key the algorithm is the configured one, else the
+        private key's (RS256 for RSA, ES256 for EC P-256).
         """
+        if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_ID:
+            raise ValueError(f"user_id must be 1 to {MAX_ID} characters")
         unknown = sorted(set(permissions or ()) - set(PERMISSIONS))
         if unknown:
             raise ValueError(f"unknown permission(s) {', '.join(unknown)}; "

@@ -543,9 +543,11 @@ class Engine:
 
     def write_wav(self, path: str | os.PathLike[str], audio: np.ndarray,
                   sample_rate: int | None = None) -> Path:
-        """Write ``audio`` (channels, samples) as a 32-bit float WAV."""
+        """Write ``audio`` (channels, samples) as a 32-bit float WAV (missing folders of
+        ``path`` are created)."""
         import soundfile as sf
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         sf.write(str(path), np.asarray(audio).T, sample_rate or self.sample_rate,
                  subtype="FLOAT")
         return Path(path)

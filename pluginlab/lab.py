@@ -142,6 +142,7 @@ class Lab:
 
     def token(self, user_id: str, **kwargs: Any) -> str:
         """A token for a colleague/browser; it may join this lab's session."""
+        self._check_running()
         return self.server.token(user_id, **kwargs)
 
     def plugin(self, plugin_id: str) -> Plugin:
@@ -215,22 +216,26 @@ class Lab:
         """An ipywidgets panel bound to ``plugin`` (see :mod:`pluginlab.widgets`)."""
         from .widgets import PluginPanel
 
+        self._check_running()
         return PluginPanel(self, self._resolve(plugin))
 
     def track_panel(self, track_id: str, seconds: float = 4.0) -> Any:
         from .widgets import TrackPanel
 
+        self._check_running()
         return TrackPanel(self, track_id, seconds)
 
     def presence_panel(self) -> Any:
         from .widgets import PresencePanel
 
+        self._check_running()
         return PresencePanel(self)
 
     # -- plumbing -------------------------------------------------------------------------------
     def listen(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(message)`` (on the loop) for every message the kernel receives.
         Returns the function that removes it."""
+        self._check_running()
         with self._lock:
             self._listeners.append(listener)
 

@@ -13,7 +13,8 @@ Transport decisions: text frames of strict JSON; path ``config.path`` only (othe
 404 at the handshake); frames over ``max_frame`` close the connection with 1009; a token in the
 handshake (``?token=`` or ``Authorization: Bearer``) is verified there (HTTP 401 when bad) and
 the connection starts authenticated. permessage-deflate is off: for small JSON frames it costs
-more than it saves (measured in DESIGN.md). Outgoing messages are written without awaiting
+more than it saves (measured on this project's 2-core machine: ~2,250 vs ~1,650 sequential
+requests/s). Outgoing messages are written without awaiting
 (like ``websockets`` ``broadcast``), so one slow client never stalls the others; consecutive
 messages to one connection share a write (see :class:`_Outbox`).
 """

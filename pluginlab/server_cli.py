@@ -216,8 +216,10 @@ def _key_pair_mismatch(private_pem: str, public_pem: str | None) -> str | None:
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the WebSocket plugin server")
     _add_config_options(serve)
-    serve.add_argument("--token-user", default="researcher",
-                       help="user of the ready token printed at start")
+    serve.add_argument("--token-user", default=os.environ.get("PLUGINLAB_TOKEN_USER",
+                                                              "researcher"),
+                       help="user of the ready token printed at start (default researcher; "
+                            "env PLUGINLAB_TOKEN_USER)")
     serve.add_argument("--log-level", default=None,
                        help="debug | info (default; refused AUTHs, blocked addresses, errors) "
                             "| warning | error; env PLUGINLAB_LOG_LEVEL")

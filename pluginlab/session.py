@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import hashlib
 import itertools
+import json
 import logging
 import os
 import uuid
@@ -978,11 +979,18 @@ def _preset_action(request: Request) -> Any:
     return request.data.get("action") or "load"
 
 
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
 def _peek_id(frame: str | bytes) -> str | None:
     """Best-effort request id of a frame we refuse: also of JSON that parse() refused for
     its content (e.g. a lone surrogate elsewhere), when the id itself is usable text."""
     try:
-        body = decode_strict(frame)  # NaN and the like: not JSON, no id
+        try:
+            body = decode_strict(frame)
+        except ValueError:  # grammatical JSON with a number out of range (1e400) has an id;
+            body = json.loads(frame, parse_constant=_not_json)  # NaN and the like: none
         value = body.get("id") if isinstance(body, dict) else None
         if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
             return None

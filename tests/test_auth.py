@@ -123,6 +123,15 @@ def test_token_without_subject(auth: Authenticator) -> None:
     assert reason(auth, hs(claims(sub=""))) == "token has no subject"
 
 
+def test_a_subject_longer_than_an_id_is_refused(auth: Authenticator) -> None:
+    """The user id is copied into every message and event: the 128-character id limit holds
+    for it too, whoever signed the token."""
+    assert auth.verify(hs(claims(sub="u" * 128))).user_id == "u" * 128
+    assert reason(auth, hs(claims(sub="u" * 129))) == "token subject longer than 128 characters"
+    with pytest.raises(ValueError, match="1 to 128 characters"):
+        auth.issue("u" * 129)
+
+
 def test_wrong_key(auth: Authenticator) -> None:
     assert reason(auth, hs(claims(), key="another-secret-another-secret-another")) == \
         "bad signature"

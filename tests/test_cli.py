@@ -198,6 +198,27 @@ def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None
         process.wait()
 
 
+def test_serve_takes_the_ready_token_user_from_the_environment(tmp_path: Path) -> None:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
+    secret = "s" * 32
+    process = subprocess.Popen(
+        [*command, "serve", "--port", "0", "--jwt-secret", secret, "--db", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PLUGINLAB_TOKEN_USER": "bob"})
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert "token for 'bob'" in "".join(lines), lines
+        token = next(line.split()[-1] for line in lines if line.count(".") == 2
+                     and line.split()[-1].startswith("ey"))
+        assert jwt.decode(token, secret, algorithms=["HS256"])["sub"] == "bob"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_the_secret_can_live_in_a_file(tmp_path: Path) -> None:
     """--jwt-secret-file: the secret stays out of ``ps`` and the environment; tokens issued
     with the same file verify with its first line."""

@@ -561,7 +561,7 @@ def test_write_wav_round_trips(engine: Engine, tmp_path: Path):
     track = engine.add_track("t", NOISE)
     track.add("Reverb")
     audio = track.render(0.5)
-    path = engine.write_wav(tmp_path / "take.wav", audio)
+    path = engine.write_wav(tmp_path / "out" / "take.wav", audio)  # folders are made
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     assert rate == SR
     assert np.array_equal(data.T, audio)

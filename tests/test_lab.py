@@ -635,6 +635,11 @@ def test_a_stopped_lab_says_so(tmp_path: Path) -> None:
             lab.engine  # noqa: B018 - the property is what is tested
         with pytest.raises(RuntimeError, match="lab is stopped"):
             await lab.set(reverb, "wet_dry", 0.5)
+        for make in (lambda: lab.panel(reverb), lambda: lab.track_panel("drums"),
+                     lab.presence_panel, lambda: lab.token("colleague"),
+                     lambda: lab.listen(print)):
+            with pytest.raises(RuntimeError, match="lab is stopped"):
+                make()
         panel.controls["wet_dry"].value = 0.5
         await eventually(lambda: "lab is stopped" in panel.status.value)
         panel.close()

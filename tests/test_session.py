@@ -234,6 +234,13 @@ def test_a_refused_frame_with_a_usable_id_gets_it_echoed(tmp_path: Path) -> None
             assert (reply["id"], reply["data"]["code"]) == ("q", "INVALID_MESSAGE")
             reply = await alice.frame('{"id": "q\\ud800", "type": "PING"}')
             assert reply["id"] is None  # an id that is not text cannot be echoed
+            # a number beyond a double is refused, but the frame is JSON: its id is echoed
+            reply = await alice.frame('{"id": "big", "type": "PLUGIN_PARAMETER", "data": {'
+                                      '"track_id": "t", "plugin_id": "p", '
+                                      '"parameter_id": "x", "parameter_value": 1e400}}')
+            assert (reply["id"], reply["data"]["code"]) == ("big", "INVALID_MESSAGE")
+            reply = await alice.frame('{"id": "nan", "type": "PING", "data": {"x": NaN}}')
+            assert reply["id"] is None  # NaN is not JSON: nothing in the frame is trusted
 
     run(scenario())
 
