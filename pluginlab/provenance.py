@@ -1256,7 +1256,67 @@ def verify_chain(conn: sqlite3.Connection) -> VerifyResult:
             False, checked, checked,
             f"chain head (seq {head[0]}) does not match the last row (seq {checked})",
         )
+    differs = _stored_state_mismatch(conn)
+    if differs is not None:
+        return VerifyResult(False, checked, None, differs)
     return VerifyResult(True, checked, None, "ok")
+
+
+def _stored_state_mismatch(conn: sqlite3.Connection) -> str | None:
+    """What restores read (``plugin_configurations``, ``session_tracks``) against the state
+    rebuilt from the log, session by session, in one read snapshot: the first difference in
+    words, or None. The stored state is not in the hash chain, so an edit of it would
+    otherwise change what a restart restores without any check noticing. Sessions holding
+    migrated legacy rows are skipped: their state began before the log."""
+    conn.execute("BEGIN")  # one snapshot: an indexer committing meanwhile is not seen
+    try:
+        rebuilt: dict[str, State] = {}
+        loads = json.loads
+        for seq, event_id, stamp, user_id, session, action, details in conn.execute(
+            "SELECT seq, id, timestamp, user_id, session_id, action, details FROM daid_events "
+            f"WHERE action IN ({_REPLAYED}) ORDER BY seq"
+        ):
+            apply_event(rebuilt.setdefault(session, {}), Event(
+                seq, event_id, stamp, user_id, session, action, "", "", "", loads(details),
+                (), "", ""))
+        legacy = {row[0] for row in conn.execute(
+            "SELECT session_id FROM daid_events WHERE entity_type IS NULL UNION "
+            "SELECT session_id FROM plugin_configurations WHERE daid_id NOT LIKE 'daid:%'")}
+        stored_sessions = {row[0] for row in conn.execute(
+            "SELECT session_id FROM session_tracks UNION "
+            "SELECT session_id FROM plugin_configurations")}
+        for session in sorted((set(rebuilt) | stored_sessions) - legacy, key=str):
+            differs = _state_difference(_read_session_state(conn, session),
+                                        rebuilt.get(session, {}))
+            if differs is not None:
+                return (f"session {session!r}: the stored state (what a restart restores) "
+                        f"differs from the log: {differs} "
+                        "(plugin_configurations or session_tracks edited?)")
+        return None
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def _state_difference(stored: State, logged: State) -> str | None:
+    """The first difference between two session states, in words (None: equal)."""
+    if list(stored) != list(logged):
+        return f"tracks {list(stored)} stored, {list(logged)} in the log"
+    for track_id, chain in stored.items():
+        ids = [p["plugin_id"] for p in chain]
+        logged_ids = [p["plugin_id"] for p in logged[track_id]]
+        if ids != logged_ids:
+            return f"track {track_id!r} holds {ids} stored, {logged_ids} in the log"
+        for plugin, expected in zip(chain, logged[track_id]):
+            for key in ("name", "plugin_path", "bypass"):
+                if plugin[key] != expected[key]:
+                    return (f"plugin {plugin['plugin_id']!r}: {key} {plugin[key]!r} stored, "
+                            f"{expected[key]!r} in the log")
+            values, logged_values = plugin["parameters"], expected["parameters"]
+            for pid in sorted(set(values) | set(logged_values)):
+                if values.get(pid) != logged_values.get(pid):
+                    return (f"plugin {plugin['plugin_id']!r}: parameter {pid} "
+                            f"{values.get(pid)!r} stored, {logged_values.get(pid)!r} in the log")
+    return None
 
 
 def _daid_reason(seq: int, daid: str, digest: str) -> str:

@@ -1148,6 +1148,27 @@ def test_verify_through_the_api_and_the_cli(
     assert run_cli("daid", "verify", str(ten_events.parent / "missing.sqlite")) == 2
 
 
+@pytest.mark.parametrize(("statement", "said"), [
+    ("UPDATE plugin_configurations SET parameters = json_set(parameters, '$.wet_dry', 24.0)",
+     "parameter wet_dry 24.0 stored, 0.8 in the log"),
+    ("UPDATE plugin_configurations SET bypass = 1", "bypass True stored, False in the log"),
+    ("DELETE FROM plugin_configurations", "holds [] stored, ['rev1'] in the log"),
+    ("INSERT INTO session_tracks (session_id, track_id) VALUES ('s1', 'ghost')",
+     "tracks ['t1', 'ghost'] stored, ['t1'] in the log"),
+])
+def test_verify_compares_what_restores_read_with_the_log(
+    ten_events: Path, statement: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stored state is not in the hash chain: an edit of it would change what a restart
+    restores (e.g. 27 dB louder) while the chain stays intact."""
+    tampered(ten_events, statement)
+    result = verify_database(ten_events)
+    assert not result.ok and result.checked == 10 and result.first_bad_seq is None
+    assert said in result.reason and "session 's1'" in result.reason
+    assert run_cli("daid", "verify", str(ten_events)) == 1
+    assert said in capsys.readouterr().out
+
+
 def test_verify_reports_a_damaged_file(ten_events: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A torn index page leaves every row readable through the table, so the chain alone
