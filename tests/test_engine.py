@@ -645,6 +645,42 @@ def _run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[
         pytest.fail(f"the subprocess hung (killed after {timeout} s); stdout: {exc.stdout!r}")
 
 
+def test_closing_engines_gives_their_memory_back() -> None:
+    """A server releases sessions full of plugins; without handing freed heap back to the OS
+    its RSS stays near the peak (here 38% of the growth stayed). Measured in a fresh process."""
+    done = _run_python("""
+        import gc
+        from pluginlab import Engine
+
+        def rss():
+            with open("/proc/self/status") as status:
+                return next(int(l.split()[1]) for l in status if l.startswith("VmRSS")) / 1024
+
+        warm = Engine()
+        warm.add_track("t").add("Reverb")
+        warm.close()
+        before = rss()
+        engines = []
+        for _ in range(4):
+            engine = Engine()
+            track = engine.add_track("t")
+            for i in range(10):
+                track.add(["Reverb", "Delay", "Compressor", "Filter"][i % 4])
+            track.render(0.5)
+            engines.append(engine)
+        peak = rss()
+        for engine in engines:
+            engine.close()
+        del engines, engine, track
+        gc.collect()
+        print(before, peak, rss())
+    """)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, peak, after = map(float, done.stdout.split())
+    assert peak - before > 30  # the plugins really took memory (MB)
+    assert after - before < 0.1 * (peak - before)
+
+
 FP_MARKER = "PLUGINLAB-FP-OK"
 FP_CASE = """
     import numpy as np
