@@ -29,7 +29,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -100,7 +100,9 @@ def events_frame(
     ``source``: a :class:`~pluginlab.provenance.ProvenanceStore` or the path of its database
     (opened read-only; it must be at the current schema version). Filters combine with AND;
     ``session_id`` / ``user_id`` / ``plugin_id`` take one id or several; ``start`` / ``end``
-    are inclusive bounds (datetime, naive = UTC, or ISO string).
+    are inclusive bounds (datetime, naive = UTC, or ISO string; events have ms timestamps, so
+    no event before ``start`` or after ``end`` is returned, also for sub-ms bounds). Each
+    filter's index bounds the rows read: a narrow filter costs about what it returns.
 
     Columns: ``seq`` int64, ``daid`` object (str), ``timestamp`` datetime64[ms, UTC],
     ``user_id``, ``session_id``, ``action``, ``entity_type``, ``operation``, ``plugin_id``,
@@ -110,16 +112,19 @@ def events_frame(
     """
     path = source.path if isinstance(source, (ProvenanceStore, ProvenanceReader)) \
         else os.fspath(source)
-    where, args = _where(session_id, user_id, plugin_id, start, end)
+    filters = _filters(session_id, user_id, plugin_id, start, end)
+    where = [condition for condition, _ in filters]
+    args = [arg for _, values in filters for arg in values]
     conn = _open_for_reading(path)
     if not isinstance(source, ProvenanceStore):  # an open store indexes its own journal
         warn_if_unindexed(path)
     try:
-        low, top = conn.execute("SELECT MIN(rowid), MAX(rowid) FROM daid_events").fetchone()
+        span = _rowid_range(conn, filters)
     finally:
         conn.close()
-    if top is None:
+    if span is None:
         return _empty_frame()
+    low, top = span
     # Every query sees the same rows (the log is append-only). The grouped queries must read
     # their index, so their rowid bound is written ``+rowid`` (not usable as a lookup).
     clause = " WHERE " + " AND ".join([*where, "rowid BETWEEN ? AND ?"])
@@ -212,26 +217,87 @@ def _group_sql(columns: Sequence[str], clause: str) -> str:
     )
 
 
-def _where(
+def _filters(
     session_id: Filter, user_id: Filter, plugin_id: Filter,
     start: datetime | str | None, end: datetime | str | None,
-) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    args: list[Any] = []
+) -> list[tuple[str, list[Any]]]:
+    """One ``(SQL condition, arguments)`` per filter given; each one an index can answer."""
+    filters: list[tuple[str, list[Any]]] = []
     for column, wanted in (("session_id", session_id), ("user_id", user_id),
                            ("plugin_id", plugin_id)):
         if wanted is None:
             continue
         values = [wanted] if isinstance(wanted, str) else list(wanted)
-        where.append(f"{column} IN ({', '.join('?' * len(values))})")
-        args.extend(values)
-    if start is not None:
-        where.append("timestamp >= ?")
-        args.append(format_timestamp(parse_timestamp(start)))
-    if end is not None:
-        where.append("timestamp <= ?")
-        args.append(format_timestamp(parse_timestamp(end)))
-    return where, args
+        filters.append((f"{column} IN ({', '.join('?' * len(values))})", values))
+    bounds = [(f"timestamp {op} ?", [_ms_text(moment, lower=op == ">=")])
+              for op, moment in ((">=", start), ("<=", end)) if moment is not None]
+    if bounds:  # one condition, so that one index range answers both bounds
+        filters.append((" AND ".join(c for c, _ in bounds), [a for _, v in bounds for a in v]))
+    return filters
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms_text(moment: datetime | str, *, lower: bool) -> str:
+    """An inclusive bound as the store's millisecond text, so that comparing texts is exact.
+
+    A lower bound rounds up and an upper bound down: stored timestamps have ms resolution, so
+    no event before ``start`` (or after ``end``) passes. Sub-microsecond digits that
+    ``datetime`` cannot hold (numpy, pandas, ISO text) count too.
+    """
+    parsed = parse_timestamp(moment)  # validates; naive = UTC
+    try:
+        stamp = pd.Timestamp(moment)  # nanoseconds, where the input has them
+        stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
+    except (TypeError, ValueError):
+        stamp = pd.Timestamp(parsed)
+    if abs(stamp.value - pd.Timestamp(parsed).value) >= 1000:  # pandas read it otherwise
+        stamp = pd.Timestamp(parsed)
+    ms = -(-stamp.value // 1_000_000) if lower else stamp.value // 1_000_000
+    return format_timestamp(_EPOCH + timedelta(milliseconds=ms))
+
+
+def _rowid_range(
+    conn: sqlite3.Connection, filters: Sequence[tuple[str, Sequence[Any]]]
+) -> tuple[int, int] | None:
+    """``(low, top)``: a rowid range holding every row that passes ``filters``; None when no
+    row can pass.
+
+    Each filter's own index gives its bounds (idx_daid_events_session, _user_id, _plugin,
+    _timestamp), reading only the index entries that match: a narrow time window or an
+    absent id costs about what it returns, whatever the table's size. The range is then read
+    with every filter applied, so rows stored out of time order are never wrongly included.
+    """
+    low, top = _min_max_rowid(conn, "", ())
+    if low is None or top is None:
+        return None
+    for condition, args in filters:
+        lo, hi = _min_max_rowid(conn, f" WHERE {condition}", args)
+        if lo is None or hi is None:
+            return None
+        low, top = max(low, lo), min(top, hi)
+        if low > top:
+            return None
+    return low, top
+
+
+def _min_max_rowid(
+    conn: sqlite3.Connection, where: str, args: Sequence[Any]
+) -> tuple[int | None, int | None]:
+    """The least and greatest rowid passing ``where``, read from the filter's index.
+
+    Two subqueries: SQLite scans everything for MIN and MAX together. ``+rowid`` keeps it from
+    walking the table in rowid order until a row passes (all of it when none does).
+    """
+    if not where:  # the table's bounds: each one end of its b-tree
+        row = conn.execute("SELECT (SELECT MIN(rowid) FROM daid_events), "
+                           "(SELECT MAX(rowid) FROM daid_events)").fetchone()
+    else:
+        row = conn.execute(f"SELECT (SELECT MIN(+rowid) FROM daid_events{where}), "
+                           f"(SELECT MAX(+rowid) FROM daid_events{where})",
+                           [*args, *args]).fetchone()
+    return row[0], row[1]
 
 
 def _connect_ro(path: str) -> sqlite3.Connection:
