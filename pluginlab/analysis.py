@@ -639,9 +639,10 @@ def changes_per_second(frame: pd.DataFrame) -> pd.Series:
 # Plots
 
 
-def _figure(rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+def _figure(rows: int = 1, cols: int = 1, *, sharex: bool = False,
+            **kwargs: Any) -> tuple[Figure, Any]:
     figure = Figure(**{"figsize": (10, 3.2 * rows), "layout": "constrained", **kwargs})
-    axes = figure.subplots(rows, cols, squeeze=False)
+    axes = figure.subplots(rows, cols, squeeze=False, sharex=sharex)
     return figure, axes
 
 
@@ -699,23 +700,74 @@ def _changed_parameters(frame: pd.DataFrame) -> set[tuple[str, str, str]]:
 
 
 def plot_activity(frame: pd.DataFrame) -> Figure:
-    """Two panels: events per second over time (one line per user) and event counts per action."""
+    """Two panels: events per second over time (one step line per user) and event counts per
+    action.
+
+    The timeline counts each user's events in equal bins over the frame's whole span: 1 s, or
+    the shortest of 2 s, 5 s, ... 1 day (then whole days) that fits the span in
+    ``_MAX_BINS`` (1,000) bins, in which case the value is the bin's mean rate and the title
+    says the bin. Idle bins are 0, so no line joins two bursts across an idle gap; a single
+    event is one bin wide, and the x-axis spans the events plus one bin either side. Counts
+    per action are on a log scale, each bar labelled with its count, so rare actions show
+    next to a million parameter updates.
+    """
     figure, axes = _figure(2, 1)
     timeline: Axes = axes[0, 0]
     bars: Axes = axes[1, 0]
+    title = "Events per second by user"
     if len(frame):
-        seconds = frame["timestamp"].dt.floor("s")
-        per_user = pd.crosstab(seconds, frame["user_id"])
-        for user in per_user.columns:
-            timeline.plot(per_user.index, per_user[user], label=str(user))
+        title += _draw_rates(timeline, frame)
         counts = frame["action"].value_counts()
         counts = counts[counts > 0]
-        bars.bar([str(a) for a in counts.index], counts.to_numpy())
-        timeline.legend(loc="best", fontsize="small")
+        drawn = bars.bar([str(a) for a in counts.index], counts.to_numpy())
+        bars.set_yscale("log")
+        bars.set_ylim(0.5, float(counts.max()) * 4)  # a count of 1 stays visible
+        bars.bar_label(drawn, labels=[f"{n:,}" for n in counts], fontsize="small")
         bars.tick_params(axis="x", labelrotation=30)
-    timeline.set(title="Events per second by user", xlabel="time (UTC)", ylabel="events/s")
-    bars.set(title="Events by action", ylabel="events")
+    timeline.set(title=title, xlabel="time (UTC)", ylabel="events/s")
+    bars.set(title="Events by action", ylabel="events (log scale)")
     return figure
+
+
+_MAX_BINS = 1000
+_BIN_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+                43200, 86400)
+
+
+def _bin_seconds(span: int) -> int:
+    """The width of the timeline's bins for ``span`` seconds: at most _MAX_BINS of them."""
+    for width in _BIN_SECONDS:
+        if span <= width * _MAX_BINS:
+            return width
+    return 86400 * -(-span // (86400 * _MAX_BINS))
+
+
+def _draw_rates(ax: Axes, frame: pd.DataFrame) -> str:
+    """One step line per user: events per second in equal bins, zeros included; returns the
+    title's note on the bin width ("" for 1 s)."""
+    frame = frame[frame["timestamp"].notna()]
+    if frame.empty:
+        return ""
+    seconds = pd.DatetimeIndex(frame["timestamp"]).as_unit("s").asi8
+    width = _bin_seconds(int(seconds.max() - seconds.min()) + 1)
+    origin = int(seconds.min()) // width * width
+    bins = (seconds - origin) // width
+    edges = pd.to_datetime(origin + width * np.arange(int(bins.max()) + 2), unit="s", utc=True)
+    users = frame["user_id"].astype(object).to_numpy()
+    for user in _sorted_unique(users[pd.notna(users)]):
+        counts = np.bincount(bins[users == user], minlength=len(edges) - 1) / width
+        ax.step(edges, np.append(counts, counts[-1]), where="post", label=str(user))
+    ax.set_xlim(edges[0] - pd.Timedelta(seconds=width), edges[-1] + pd.Timedelta(seconds=width))
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="best", fontsize="small")
+    return "" if width == 1 else f" (mean over {_duration(width)} bins)"
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _as_channels(audio: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
 import pytest
@@ -340,6 +341,55 @@ def test_plot_activity(store: ProvenanceStore) -> None:
     assert len(bars.patches) == 5  # auth, plugin_add, parameter_update, plugin_bypass, preset_load
     assert rendered(figure)
     assert isinstance(plot_activity(events_frame(store, user_id="nobody")), Figure)
+
+
+def value_at(line: Any, moment: datetime) -> float:
+    """The y a steps-post line shows at ``moment``."""
+    x = mdates.date2num(line.get_xdata())
+    return float(line.get_ydata()[np.searchsorted(x, mdates.date2num(moment), "right") - 1])
+
+
+def test_activity_is_zero_between_bursts(tmp_path: Path) -> None:
+    """Two 10 s bursts three hours apart: in between, every user's line is at 0 (it used to
+    join the bursts with a line at ~10 events/s across the idle time)."""
+    with ProvenanceStore(tmp_path / "b.sqlite", clock=Clock(timedelta(seconds=0.05))) as s:
+        s.append_many([param("rev", "t", "wet_dry", k / 200, "s", "alice") for k in range(200)])
+        s.close()
+    clock = Clock(timedelta(seconds=0.05))
+    clock.now = T0 + timedelta(hours=3)
+    with ProvenanceStore(tmp_path / "b.sqlite", clock=clock) as s:
+        s.append_many([param("rev", "t", "wet_dry", k / 200, "s", "bob") for k in range(200)])
+        frame = events_frame(s)
+    timeline = plot_activity(frame).axes[0]
+    assert "bins" in timeline.get_title()  # 3 h do not fit 1,000 one-second bins
+    for line in timeline.lines:
+        for gap in (T0 + timedelta(minutes=5), T0 + timedelta(hours=1.5),
+                    T0 + timedelta(hours=3) - timedelta(minutes=1)):
+            assert value_at(line, gap) == 0, (line.get_label(), gap)
+    peaks = {line.get_label(): max(line.get_ydata()) for line in timeline.lines}
+    assert 5 < peaks["alice"] <= 20 and 5 < peaks["bob"] <= 20  # 20 events/s, bin means
+
+
+def test_activity_of_one_event_is_visible(store: ProvenanceStore) -> None:
+    frame = events_frame(store).iloc[:1]
+    timeline = plot_activity(frame).axes[0]
+    (line,) = timeline.lines
+    assert value_at(line, T0 + timedelta(milliseconds=500)) == 1  # one event in its second
+    low, high = (mdates.num2date(x) for x in timeline.get_xlim())
+    assert low < T0 < high and high - low < timedelta(seconds=10)
+    assert "bins" not in timeline.get_title()
+
+
+def test_activity_counts_are_on_a_log_scale_and_labelled(store: ProvenanceStore) -> None:
+    """One bypass next to many updates stays visible: log scale, bars start below 1, and
+    each bar says its count."""
+    bars = plot_activity(events_frame(store)).axes[1]
+    assert bars.get_yscale() == "log"
+    assert bars.get_ylim()[0] < 1
+    heights = sorted(int(p.get_height()) for p in bars.patches)
+    assert heights == [1, 1, 1, 2, 8]
+    labels = sorted(int(t.get_text()) for t in bars.texts)
+    assert labels == heights
 
 
 def tone(seconds: float = 0.5, rate: int = 8000) -> np.ndarray:
