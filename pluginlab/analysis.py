@@ -35,9 +35,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from . import effects
 from .provenance import (
     ProvenanceReader,
     ProvenanceStore,
@@ -650,53 +652,141 @@ def plot_parameter_timeline(
     frame: pd.DataFrame,
     plugin_id: str | None = None,
     parameters: Sequence[str] | None = None,
+    *,
+    max_lines: int = 8,
 ) -> Figure:
-    """Step plot of parameter values over time: one line per (plugin, parameter), one marker
-    per change coloured by the user who made it (legend: lines, then users).
+    """Step plot of parameter values over time: one panel per (plugin, parameter), each with
+    its own y scale and colour, labelled with the parameter's unit when known; one marker per
+    change, its shape the user who made it (each panel's legend: the line, then its users).
 
-    A line is drawn for every parameter changed alone or by a preset load; its values are
-    :func:`parameter_history` (so it starts at the plugin's creation value and follows preset
-    loads). Plugins of different sessions are different lines, labelled with their session
-    when ``frame`` holds several."""
+    Lines are the parameters changed alone or by a preset load; their values are
+    :func:`parameter_history` (so a line starts at the plugin's creation value and follows
+    preset loads), all built in one pass over ``frame``. Plugins of different sessions are
+    different lines, labelled with their session when ``frame`` holds several. Units are the
+    built-ins' (``dB``, ``Hz``, ...), known when ``frame`` holds the plugin's ``plugin_add``.
+
+    At most ``max_lines`` panels (ValueError below 1): the most changed parameters (ties in
+    (session, plugin, parameter) order); the figure's title says how many were left out
+    (choose them with ``plugin_id`` / ``parameters``, or raise ``max_lines``).
+    """
+    if max_lines < 1:
+        raise ValueError(f"max_lines must be at least 1, got {max_lines}")
     scoped = frame if plugin_id is None else frame[frame["plugin_id"] == plugin_id]
-    wanted = None if parameters is None else set(parameters)
-    histories = {
-        key: parameter_history(frame, key[1], key[2], session_id=key[0])
-        for key in sorted(_changed_parameters(scoped))
-        if wanted is None or key[2] in wanted
-    }
-    several = len({session for session, _plugin, _parameter in histories}) > 1
-    figure, axes = _figure()
-    ax: Axes = axes[0, 0]
-    users = sorted({str(u) for rows in histories.values() for u in rows["user_id"].dropna()})
-    user_colors = {u: f"C{i % 10}" for i, u in enumerate(users)}
-    for (session, plugin, parameter), rows in histories.items():
-        label = str(parameter) if plugin_id is not None else f"{plugin}.{parameter}"
-        if several:
-            label = f"{session}: {label}"
-        ax.step(rows["timestamp"], rows["value"], where="post", label=label, color="0.35",
-                linewidth=1.2)
-        ax.scatter(rows["timestamp"], rows["value"], s=14, zorder=3,
-                   c=[user_colors[str(u)] for u in rows["user_id"]])
-    for user in users:  # legend entries for the user colours
-        ax.scatter([], [], s=14, color=user_colors[user], label=f"user: {user}")
+    histories = _histories(scoped, None if parameters is None else set(parameters))
+    changed = histories.changes
+    shown = sorted(changed, key=lambda k: (-changed[k], k))[:max_lines]
+    lines = {key: histories.rows(key) for key in shown}
+    figure, axes = _figure(max(len(shown), 1), 1, figsize=(10, 1.2 + 1.9 * max(len(shown), 1)),
+                           sharex=True)
+    several = len({session for session, _plugin, _parameter in changed}) > 1
+    units = _units(scoped)
+    users = sorted({str(u) for rows in lines.values() for u in rows["user_id"].dropna()})
+    markers = {user: _MARKERS[i % len(_MARKERS)] for i, user in enumerate(users)}
+    for index, (key, color) in enumerate(zip(shown, _line_colors(len(shown)))):
+        label = str(key[2]) if plugin_id is not None else f"{key[1]}.{key[2]}"
+        unit = units.get(key, "")
+        _draw_history(axes[index, 0], lines[key], f"{key[0]}: {label}" if several
+                      else label, f"{key[2]} ({unit})" if unit else key[2], color, markers)
     title = "Parameter timeline" + (f" - {plugin_id}" if plugin_id else "")
-    ax.set(title=title, xlabel="time (UTC)", ylabel="value")
-    if histories or users:
-        ax.legend(loc="best", fontsize="small")
+    if len(changed) > len(shown):
+        title += (f": the {len(shown)} most changed of {len(changed)} parameters "
+                  f"({len(changed) - len(shown)} not shown; choose with plugin_id= or "
+                  "parameters=)")
+    figure.suptitle(title, fontsize="medium")
+    axes[-1, 0].set_xlabel("time (UTC)")
+    if not shown:
+        axes[0, 0].set(ylabel="value")
     return figure
 
 
-def _changed_parameters(frame: pd.DataFrame) -> set[tuple[str, str, str]]:
-    """(session_id, plugin_id, parameter_id) set by a parameter update or a preset load."""
-    updates = frame[frame["action"] == "parameter_update"]
-    keys = {(str(s), str(p), str(q)) for s, p, q in
-            zip(updates["session_id"], updates["plugin_id"], updates["parameter_id"])}
-    loads = frame[frame["action"] == "preset_load"]
-    for session, plugin, details in zip(loads["session_id"], loads["plugin_id"], loads["details"]):
-        if isinstance(details, dict) and isinstance(details.get("parameters"), dict):
-            keys.update((str(session), str(plugin), str(q)) for q in details["parameters"])
-    return keys
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+class _Histories(NamedTuple):
+    """:func:`parameter_history` of every parameter set by an update or a preset load."""
+
+    frame: pd.DataFrame  # the frame they come from
+    long: pd.DataFrame  # one row per value: session, plugin, parameter, row (in frame), value
+    changes: dict[tuple[str, str, str], int]  # updates and preset loads (not the creation)
+    positions: dict[tuple[str, str, str], np.ndarray]  # each key's rows of ``long``
+
+    def rows(self, key: tuple[str, str, str]) -> pd.DataFrame:
+        """``timestamp, seq, user_id, value`` in seq order, like :func:`parameter_history`."""
+        values = self.long.iloc[self.positions[key]]
+        rows = self.frame.iloc[values["row"].to_numpy()][["timestamp", "seq", "user_id"]]
+        return rows.assign(value=values["value"].to_numpy()).reset_index(drop=True)
+
+
+def _histories(frame: pd.DataFrame, wanted: set[str] | None) -> _Histories:
+    """Every history of ``frame`` (of the parameters in ``wanted``, when given) in one pass:
+    vectorized over parameter updates, a Python loop over creations and preset loads only."""
+    is_update = (frame["action"] == "parameter_update").to_numpy()
+    updates = frame[is_update]
+    parts = [pd.DataFrame({
+        "session": updates["session_id"].astype(object).to_numpy(),
+        "plugin": updates["plugin_id"].astype(object).to_numpy(),
+        "parameter": updates["parameter_id"].astype(object).to_numpy(),
+        "row": np.flatnonzero(is_update), "value": updates["value"].to_numpy(),
+        "change": True})]
+    carried = np.flatnonzero(frame["action"].isin(["plugin_add", "preset_load"]).to_numpy())
+    rows = [(s, p, q, row, _number(v), a == "preset_load")
+            for row, s, p, a, d in zip(carried, frame["session_id"].iloc[carried],
+                                       frame["plugin_id"].iloc[carried],
+                                       frame["action"].iloc[carried],
+                                       frame["details"].iloc[carried])
+            if isinstance(d, dict) and isinstance(d.get("parameters"), dict)
+            for q, v in d["parameters"].items() if not np.isnan(_number(v))]
+    if rows:
+        parts.append(pd.DataFrame(rows, columns=["session", "plugin", "parameter", "row",
+                                                 "value", "change"]))
+    long = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    keep = long["session"].notna() & long["plugin"].notna() & long["parameter"].notna()
+    if wanted is not None:
+        keep &= long["parameter"].isin(list(wanted))
+    long = long[keep]
+    order = np.argsort(frame["seq"].to_numpy()[long["row"].to_numpy()], kind="stable")
+    long = long.iloc[order].reset_index(drop=True)
+    grouped = long.groupby(["session", "plugin", "parameter"], sort=False)
+    counts = grouped["change"].sum()
+    changes = {(str(s), str(p), str(q)): int(n) for (s, p, q), n in counts.items() if n}
+    positions = {(str(s), str(p), str(q)): rows for (s, p, q), rows in grouped.indices.items()}
+    return _Histories(frame, long, changes, positions)
+
+
+def _units(frame: pd.DataFrame) -> dict[tuple[str, str, str], str]:
+    """Units of built-ins' parameters by (session, plugin, parameter), from the last
+    ``plugin_add`` of each plugin in ``frame`` (binaries' units are not in the log)."""
+    library = effects.library()
+    units: dict[tuple[str, str, str], str] = {}
+    adds = frame[frame["action"] == "plugin_add"]
+    for session, plugin, details in zip(adds["session_id"], adds["plugin_id"], adds["details"]):
+        name = details.get("name") if isinstance(details, dict) else None
+        spec = library.get(name.strip().lower()) if isinstance(name, str) and \
+            not details.get("plugin_path") else None
+        for parameter in spec.parameters if spec is not None else ():
+            units[(str(session), str(plugin), parameter.id)] = parameter.unit
+    return units
+
+
+def _line_colors(count: int) -> list[Any]:
+    """``count`` distinct colours: the default cycle, or evenly spaced on a colour map."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    return [tuple(c) for c in colormaps["turbo"](np.linspace(0.0, 1.0, count))]
+
+
+def _draw_history(ax: Axes, rows: pd.DataFrame, label: str, ylabel: str, color: Any,
+                  markers: dict[str, str]) -> None:
+    """One parameter's step line, its changes marked by user, in its own panel."""
+    ax.step(rows["timestamp"], rows["value"], where="post", label=label, color=color,
+            linewidth=1.2)
+    for user, marker in markers.items():
+        mine = rows[rows["user_id"] == user]
+        if len(mine):
+            ax.scatter(mine["timestamp"], mine["value"], s=16, zorder=3, color=color,
+                       marker=marker, label=f"user: {user}")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize="small")
 
 
 def plot_activity(frame: pd.DataFrame) -> Figure:

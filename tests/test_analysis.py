@@ -274,8 +274,8 @@ def test_one_plugin_id_in_two_sessions_is_two_histories(tmp_path: Path) -> None:
     assert list(only_b["value"]) == [0.5, 0.9, 0.8] and set(only_b["user_id"]) == {"ben"}
     one_session = events_frame(tmp_path / "two.sqlite", session_id="a")
     assert list(parameter_history(one_session, "plugin_1", "wet_dry")["value"]) == [0.5, 0.1, 0.2]
-    ax = plot_parameter_timeline(frame, plugin_id="plugin_1").axes[0]
-    lines = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    figure = plot_parameter_timeline(frame, plugin_id="plugin_1")
+    lines = {line.get_label(): list(line.get_ydata()) for ax in figure.axes for line in ax.lines}
     assert lines == {"a: wet_dry": [0.5, 0.1, 0.2], "b: wet_dry": [0.5, 0.9, 0.8]}
 
 
@@ -312,25 +312,76 @@ def rendered(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def test_parameter_timeline_has_one_line_per_parameter(store: ProvenanceStore) -> None:
+def test_parameter_timeline_has_one_panel_per_parameter(store: ProvenanceStore) -> None:
     frame = events_frame(store)
     figure = plot_parameter_timeline(frame)
     assert isinstance(figure, Figure)
-    ax = figure.axes[0]
-    assert len(ax.lines) == 3  # rev.wet_dry, rev.room_size, dly.mix
-    labels = ax.get_legend().get_texts()
-    assert {t.get_text() for t in labels} >= {"s1: rev.wet_dry", "s1: rev.room_size",
-                                               "s2: dly.mix", "user: alice", "user: bob",
-                                               "user: carol"}
-    only_rev = plot_parameter_timeline(frame, plugin_id="rev").axes[0]
-    assert len(only_rev.lines) == 2
-    one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes[0]
-    assert len(one.lines) == 1
+    assert all(len(ax.lines) == 1 for ax in figure.axes)
+    lines = {ax.lines[0].get_label(): ax for ax in figure.axes}
+    assert set(lines) == {"s1: rev.wet_dry", "s1: rev.room_size", "s2: dly.mix"}
+    assert {t.get_text() for t in lines["s1: rev.wet_dry"].get_legend().get_texts()} == {
+        "s1: rev.wet_dry", "user: alice", "user: bob"}
+    colours = [matplotlib.colors.to_hex(ax.lines[0].get_color()) for ax in figure.axes]
+    assert len(set(colours)) == 3  # one colour per line
+    for label, ax in lines.items():  # each line is its parameter's history
+        session, name = label.split(": ")
+        history = parameter_history(frame, *name.split("."), session_id=session)
+        np.testing.assert_array_equal(ax.lines[0].get_ydata(), history["value"])
+    only_rev = plot_parameter_timeline(frame, plugin_id="rev")
+    assert [ax.lines[0].get_label() for ax in only_rev.axes] == ["wet_dry", "room_size"]
+    one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes
+    assert len(one) == 1
     # the creation value, two changes, the preset load, the last change: what the engine had
-    np.testing.assert_allclose(one.lines[0].get_ydata(), [0.3, 0.4, 0.6, 0.2, 0.1 + 0.2])
-    marker_colours = {tuple(c) for c in one.collections[0].get_facecolors()}
-    assert len(marker_colours) == 2  # alice and bob changed wet_dry
+    np.testing.assert_allclose(one[0].lines[0].get_ydata(), [0.3, 0.4, 0.6, 0.2, 0.1 + 0.2])
+    shapes = {c.get_label(): c.get_paths()[0].vertices.tobytes() for c in one[0].collections}
+    assert set(shapes) == {"user: alice", "user: bob"}  # who changed wet_dry, by shape
+    assert len(set(shapes.values())) == 2
     assert rendered(figure).startswith(b"\x89PNG")
+
+
+def filter_and_utility(path: Path, parameters: int = 2) -> ProvenanceStore:
+    """A Filter (cutoff in Hz) and a Utility (gain in dB) changed 20 times each; with
+    ``parameters`` > 2, that many more parameters of another plugin changed k times each."""
+    s = ProvenanceStore(path, clock=Clock(timedelta(milliseconds=50)))
+    s.append(EventDraft("alice", "s", "plugin_add", "plugin", "f", "create", {
+        "track_id": "t", "plugin_id": "f", "name": "Filter", "plugin_path": None,
+        "index": None, "parameters": {"cutoff": 1000.0}, "bypass": False}))
+    s.append(EventDraft("alice", "s", "plugin_add", "plugin", "u", "create", {
+        "track_id": "t", "plugin_id": "u", "name": "Utility", "plugin_path": None,
+        "index": None, "parameters": {"gain": 0.0}, "bypass": False}))
+    for k in range(20):
+        s.append(param("f", "t", "cutoff", 500.0 + 100 * k, "s", "alice"))
+        s.append(param("u", "t", "gain", -0.5 * k, "s", "bob"))
+    for k in range(1, parameters - 1):
+        s.append_many([param("x", "t", f"p{k:02d}", j, "s", "carol") for j in range(k)])
+    return s
+
+
+def test_parameter_timeline_gives_each_unit_its_own_scale(tmp_path: Path) -> None:
+    """A gain in dB next to a cutoff in Hz: each has its panel, labelled with its unit, and
+    its y-limits hug its own values (one shared axis made the gain a flat line)."""
+    with filter_and_utility(tmp_path / "u.sqlite") as store:
+        frame = events_frame(store)
+    axes = {ax.get_ylabel(): ax for ax in plot_parameter_timeline(frame).axes}
+    assert set(axes) == {"cutoff (Hz)", "gain (dB)"}
+    low, high = axes["gain (dB)"].get_ylim()
+    assert -11 < low < -9.5 and 0 < high < 1
+    low, high = axes["cutoff (Hz)"].get_ylim()
+    assert 400 < low < 500 and 2400 < high < 2500
+
+
+def test_parameter_timeline_shows_the_most_changed_and_says_what_it_left_out(
+        tmp_path: Path) -> None:
+    with filter_and_utility(tmp_path / "m.sqlite", parameters=12) as store:
+        frame = events_frame(store)
+    figure = plot_parameter_timeline(frame)
+    labels = [ax.lines[0].get_label() for ax in figure.axes]
+    assert labels == ["f.cutoff", "u.gain", "x.p10", "x.p09", "x.p08", "x.p07", "x.p06",
+                      "x.p05"]  # by number of changes
+    title = figure.get_suptitle()
+    assert "8 most changed of 12 parameters" in title and "4 not shown" in title
+    assert len(plot_parameter_timeline(frame, max_lines=12).axes) == 12
+    assert "not shown" not in plot_parameter_timeline(frame, plugin_id="f").get_suptitle()
 
 
 def test_plot_activity(store: ProvenanceStore) -> None:
