@@ -17,18 +17,27 @@ input (default: ``data/drum_loop.wav``).
 
 from __future__ import annotations
 
+import sqlite3
 import warnings
+from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from .engine import Engine
-from .provenance import Event, ProvenanceReader, ProvenanceStore, parse_timestamp
+from .provenance import (
+    Event,
+    ProvenanceReader,
+    ProvenanceStore,
+    _open_for_reading,
+    format_timestamp,
+    parse_timestamp,
+)
 from .sources import Source
 
-__all__ = ["Change", "Replay", "replay", "restore_engine"]
+__all__ = ["MAX_SECONDS", "Change", "Replay", "replay", "restore_engine"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ def restore_engine(
     return engine
 
 
+MAX_SECONDS = 600.0  # the longest replay rendered unless ``max_seconds`` says otherwise
+
+
 def replay(
     store: ProvenanceStore | ProvenanceReader,
     session_id: str,
@@ -82,31 +94,43 @@ def replay(
     tail: float = 1.0,
     sample_rate: int = 44100,
     block_size: int = 64,
+    max_seconds: float = MAX_SECONDS,
 ) -> Replay:
     """Render ``track_id`` with the session's recorded parameter changes (and preset loads)
     as automation; events automation cannot express are in ``skipped`` (and warned about).
 
     ``start`` defaults to ``lead`` seconds before the first recorded change (after ``start``
-    when given), ``end`` to the last change; the render lasts ``end - start + tail`` seconds.
+    when given), ``end`` to the last change; the render lasts ``end - start + tail`` seconds,
+    idle time included. Longer than ``max_seconds`` (default :data:`MAX_SECONDS`, 10 minutes;
+    ``math.inf``: no limit) is ValueError, raised before the engine or any audio exists:
+    pass ``start=`` and ``end=`` for a shorter window. The window is found by index lookups
+    and only its events are read; the chain before it comes from ``state_at``.
     """
-    on_track = [e for e in store.events(session_id, start=start, end=end)
+    with closing(_open_for_reading(store.path)) as conn:
+        window = _track_window(conn, session_id, track_id, start, end)
+        if window is None:
+            raise ValueError(f"no recorded parameter changes on track {track_id!r} "
+                             f"of session {session_id!r} in that window")
+        first_seq, first_stamp, last_stamp = window
+        t0 = parse_timestamp(start) if start is not None else (
+            parse_timestamp(first_stamp) - timedelta(seconds=lead))
+        t_end = parse_timestamp(end) if end is not None else parse_timestamp(last_stamp)
+        seconds = max((t_end - t0).total_seconds(), 0.0) + tail
+        _check_length(seconds, max_seconds, t0, t_end)
+        end_text = _ms_text(t_end, lower=False)
+        until = _last_seq_until(conn, end_text)
+        before = _daid_before(conn, session_id, first_seq)
+    on_track = [e for e in store.events(session_id, since_seq=first_seq, until_seq=until,
+                                        end=end_text)
                 if e.details.get("track_id") == track_id]
     events = [e for e in on_track if e.action in _VALUE_ACTIONS]
-    if not events:
-        raise ValueError(f"no recorded parameter changes on track {track_id!r} "
-                         f"of session {session_id!r} in that window")
-    t0 = parse_timestamp(start) if start is not None else (
-        parse_timestamp(events[0].timestamp) - timedelta(seconds=lead))
-    t_end = parse_timestamp(end) if end is not None else parse_timestamp(events[-1].timestamp)
-    seconds = max((t_end - t0).total_seconds(), 0.0) + tail
-    state = _state_before(store, session_id, events[0])
+    state = store.state_at(session_id, daid=before) if before is not None else {}
     engine = Engine(sample_rate, block_size)
     engine.add_track(track_id, source or Source.file("drum_loop.wav"))
     engine.restore({track_id: state.get(track_id, [])})
     changes, skipped = _changes(engine, events, t0)
     skipped = sorted(skipped + [e for e in on_track if e.action in _STRUCTURAL_ACTIONS
-                                and e.seq > events[0].seq
-                                and parse_timestamp(e.timestamp) <= t_end], key=_seq)
+                                and e.seq > first_seq], key=_seq)
     if skipped:
         kinds = ", ".join(sorted({e.action for e in skipped}))
         warnings.warn(f"replay: {len(skipped)} recorded event(s) are not in the audio ({kinds}):"
@@ -116,12 +140,82 @@ def replay(
     return Replay(audio, sample_rate, t0, changes, skipped, engine)
 
 
-def _state_before(
-    store: ProvenanceStore | ProvenanceReader, session_id: str, first: Event
-) -> dict[str, Any]:
-    """The session's plugins just before ``first`` (by sequence, not by clock)."""
-    earlier = store.events(session_id, until_seq=first.seq - 1)
-    return store.state_at(session_id, daid=earlier[-1].daid) if earlier else {}
+def _check_length(seconds: float, max_seconds: float, t0: datetime, t_end: datetime) -> None:
+    """ValueError when a render of ``seconds`` exceeds ``max_seconds``, saying how to avoid it."""
+    if seconds > max_seconds:
+        raise ValueError(
+            f"replay would render {seconds:,.1f} s of audio ({t0.isoformat()} .. "
+            f"{t_end.isoformat()} plus the tail, idle time included), more than "
+            f"max_seconds={max_seconds:g}: pass start= and end= for a shorter window "
+            "(e.g. end=start + timedelta(minutes=1)), or a larger max_seconds=")
+
+
+# Read-only queries on the documented schema (daid_events with idx_daid_events_session
+# (session_id, seq) and idx_daid_events_timestamp). They rely on the store's invariant that
+# timestamps never decrease with seq (a time bound becomes a seq bound by one index lookup);
+# the time condition is applied again, so no event outside the window is taken as inside.
+
+
+def _track_window(
+    conn: sqlite3.Connection, session_id: str, track_id: str,
+    start: datetime | str | None, end: datetime | str | None,
+) -> tuple[int, str, str] | None:
+    """``(seq of the first, timestamp of the first, timestamp of the last)`` value change on
+    the track within ``[start, end]``; None if there is none."""
+    where = ["session_id = ?", "+track_id = ?",
+             "+action IN ('parameter_update', 'preset_load')"]
+    args: list[Any] = [session_id, track_id]
+    if start is not None:
+        low = _first_seq_from(conn, _ms_text(start, lower=True))
+        where += ["seq >= ?", "+timestamp >= ?"]
+        args += [_MAX_SEQ if low is None else low, _ms_text(start, lower=True)]
+    if end is not None:
+        high = _last_seq_until(conn, _ms_text(end, lower=False))
+        where += ["seq <= ?", "+timestamp <= ?"]
+        args += [-1 if high is None else high, _ms_text(end, lower=False)]
+    sql = f"SELECT seq, timestamp FROM daid_events WHERE {' AND '.join(where)} ORDER BY seq"
+    first = conn.execute(f"{sql} LIMIT 1", args).fetchone()
+    if first is None:
+        return None
+    last = conn.execute(f"{sql} DESC LIMIT 1", args).fetchone()
+    return int(first[0]), str(first[1]), str(last[1])
+
+
+_MAX_SEQ = 2**63 - 1
+
+
+def _first_seq_from(conn: sqlite3.Connection, stamp: str) -> int | None:
+    """The first seq whose timestamp is ``stamp`` or later (None: no such event)."""
+    row = conn.execute(
+        "SELECT MIN(seq) FROM daid_events WHERE timestamp = "
+        "(SELECT MIN(timestamp) FROM daid_events WHERE timestamp >= ?)", (stamp,)).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def _last_seq_until(conn: sqlite3.Connection, stamp: str) -> int | None:
+    """The last seq whose timestamp is ``stamp`` or earlier (None: no such event)."""
+    row = conn.execute(
+        "SELECT MAX(seq) FROM daid_events WHERE timestamp = "
+        "(SELECT MAX(timestamp) FROM daid_events WHERE timestamp <= ?)", (stamp,)).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def _daid_before(conn: sqlite3.Connection, session_id: str, seq: int) -> str | None:
+    """The DAID of the session's last event before ``seq`` (by sequence, not by clock)."""
+    row = conn.execute("SELECT id FROM daid_events WHERE session_id = ? AND seq < ? "
+                       "ORDER BY seq DESC LIMIT 1", (session_id, seq)).fetchone()
+    return None if row is None else str(row[0])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms_text(moment: datetime | str, *, lower: bool) -> str:
+    """An inclusive bound as the store's millisecond text: a lower bound rounds up and an
+    upper bound down, so no event outside ``[start, end]`` passes."""
+    exact = parse_timestamp(moment)
+    ms, rest = divmod((exact - _EPOCH) // timedelta(microseconds=1), 1000)
+    return format_timestamp(_EPOCH + timedelta(milliseconds=ms + (1 if lower and rest else 0)))
 
 
 _VALUE_ACTIONS = ("parameter_update", "preset_load")  # replayed as automation

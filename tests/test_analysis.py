@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
 import pytest
@@ -273,8 +274,8 @@ def test_one_plugin_id_in_two_sessions_is_two_histories(tmp_path: Path) -> None:
     assert list(only_b["value"]) == [0.5, 0.9, 0.8] and set(only_b["user_id"]) == {"ben"}
     one_session = events_frame(tmp_path / "two.sqlite", session_id="a")
     assert list(parameter_history(one_session, "plugin_1", "wet_dry")["value"]) == [0.5, 0.1, 0.2]
-    ax = plot_parameter_timeline(frame, plugin_id="plugin_1").axes[0]
-    lines = {line.get_label(): list(line.get_ydata()) for line in ax.lines}
+    figure = plot_parameter_timeline(frame, plugin_id="plugin_1")
+    lines = {line.get_label(): list(line.get_ydata()) for ax in figure.axes for line in ax.lines}
     assert lines == {"a: wet_dry": [0.5, 0.1, 0.2], "b: wet_dry": [0.5, 0.9, 0.8]}
 
 
@@ -311,25 +312,76 @@ def rendered(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def test_parameter_timeline_has_one_line_per_parameter(store: ProvenanceStore) -> None:
+def test_parameter_timeline_has_one_panel_per_parameter(store: ProvenanceStore) -> None:
     frame = events_frame(store)
     figure = plot_parameter_timeline(frame)
     assert isinstance(figure, Figure)
-    ax = figure.axes[0]
-    assert len(ax.lines) == 3  # rev.wet_dry, rev.room_size, dly.mix
-    labels = ax.get_legend().get_texts()
-    assert {t.get_text() for t in labels} >= {"s1: rev.wet_dry", "s1: rev.room_size",
-                                               "s2: dly.mix", "user: alice", "user: bob",
-                                               "user: carol"}
-    only_rev = plot_parameter_timeline(frame, plugin_id="rev").axes[0]
-    assert len(only_rev.lines) == 2
-    one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes[0]
-    assert len(one.lines) == 1
+    assert all(len(ax.lines) == 1 for ax in figure.axes)
+    lines = {ax.lines[0].get_label(): ax for ax in figure.axes}
+    assert set(lines) == {"s1: rev.wet_dry", "s1: rev.room_size", "s2: dly.mix"}
+    assert {t.get_text() for t in lines["s1: rev.wet_dry"].get_legend().get_texts()} == {
+        "s1: rev.wet_dry", "user: alice", "user: bob"}
+    colours = [matplotlib.colors.to_hex(ax.lines[0].get_color()) for ax in figure.axes]
+    assert len(set(colours)) == 3  # one colour per line
+    for label, ax in lines.items():  # each line is its parameter's history
+        session, name = label.split(": ")
+        history = parameter_history(frame, *name.split("."), session_id=session)
+        np.testing.assert_array_equal(ax.lines[0].get_ydata(), history["value"])
+    only_rev = plot_parameter_timeline(frame, plugin_id="rev")
+    assert [ax.lines[0].get_label() for ax in only_rev.axes] == ["wet_dry", "room_size"]
+    one = plot_parameter_timeline(frame, plugin_id="rev", parameters=["wet_dry"]).axes
+    assert len(one) == 1
     # the creation value, two changes, the preset load, the last change: what the engine had
-    np.testing.assert_allclose(one.lines[0].get_ydata(), [0.3, 0.4, 0.6, 0.2, 0.1 + 0.2])
-    marker_colours = {tuple(c) for c in one.collections[0].get_facecolors()}
-    assert len(marker_colours) == 2  # alice and bob changed wet_dry
+    np.testing.assert_allclose(one[0].lines[0].get_ydata(), [0.3, 0.4, 0.6, 0.2, 0.1 + 0.2])
+    shapes = {c.get_label(): c.get_paths()[0].vertices.tobytes() for c in one[0].collections}
+    assert set(shapes) == {"user: alice", "user: bob"}  # who changed wet_dry, by shape
+    assert len(set(shapes.values())) == 2
     assert rendered(figure).startswith(b"\x89PNG")
+
+
+def filter_and_utility(path: Path, parameters: int = 2) -> ProvenanceStore:
+    """A Filter (cutoff in Hz) and a Utility (gain in dB) changed 20 times each; with
+    ``parameters`` > 2, that many more parameters of another plugin changed k times each."""
+    s = ProvenanceStore(path, clock=Clock(timedelta(milliseconds=50)))
+    s.append(EventDraft("alice", "s", "plugin_add", "plugin", "f", "create", {
+        "track_id": "t", "plugin_id": "f", "name": "Filter", "plugin_path": None,
+        "index": None, "parameters": {"cutoff": 1000.0}, "bypass": False}))
+    s.append(EventDraft("alice", "s", "plugin_add", "plugin", "u", "create", {
+        "track_id": "t", "plugin_id": "u", "name": "Utility", "plugin_path": None,
+        "index": None, "parameters": {"gain": 0.0}, "bypass": False}))
+    for k in range(20):
+        s.append(param("f", "t", "cutoff", 500.0 + 100 * k, "s", "alice"))
+        s.append(param("u", "t", "gain", -0.5 * k, "s", "bob"))
+    for k in range(1, parameters - 1):
+        s.append_many([param("x", "t", f"p{k:02d}", j, "s", "carol") for j in range(k)])
+    return s
+
+
+def test_parameter_timeline_gives_each_unit_its_own_scale(tmp_path: Path) -> None:
+    """A gain in dB next to a cutoff in Hz: each has its panel, labelled with its unit, and
+    its y-limits hug its own values (one shared axis made the gain a flat line)."""
+    with filter_and_utility(tmp_path / "u.sqlite") as store:
+        frame = events_frame(store)
+    axes = {ax.get_ylabel(): ax for ax in plot_parameter_timeline(frame).axes}
+    assert set(axes) == {"cutoff (Hz)", "gain (dB)"}
+    low, high = axes["gain (dB)"].get_ylim()
+    assert -11 < low < -9.5 and 0 < high < 1
+    low, high = axes["cutoff (Hz)"].get_ylim()
+    assert 400 < low < 500 and 2400 < high < 2500
+
+
+def test_parameter_timeline_shows_the_most_changed_and_says_what_it_left_out(
+        tmp_path: Path) -> None:
+    with filter_and_utility(tmp_path / "m.sqlite", parameters=12) as store:
+        frame = events_frame(store)
+    figure = plot_parameter_timeline(frame)
+    labels = [ax.lines[0].get_label() for ax in figure.axes]
+    assert labels == ["f.cutoff", "u.gain", "x.p10", "x.p09", "x.p08", "x.p07", "x.p06",
+                      "x.p05"]  # by number of changes
+    title = figure.get_suptitle()
+    assert "8 most changed of 12 parameters" in title and "4 not shown" in title
+    assert len(plot_parameter_timeline(frame, max_lines=12).axes) == 12
+    assert "not shown" not in plot_parameter_timeline(frame, plugin_id="f").get_suptitle()
 
 
 def test_plot_activity(store: ProvenanceStore) -> None:
@@ -340,6 +392,55 @@ def test_plot_activity(store: ProvenanceStore) -> None:
     assert len(bars.patches) == 5  # auth, plugin_add, parameter_update, plugin_bypass, preset_load
     assert rendered(figure)
     assert isinstance(plot_activity(events_frame(store, user_id="nobody")), Figure)
+
+
+def value_at(line: Any, moment: datetime) -> float:
+    """The y a steps-post line shows at ``moment``."""
+    x = mdates.date2num(line.get_xdata())
+    return float(line.get_ydata()[np.searchsorted(x, mdates.date2num(moment), "right") - 1])
+
+
+def test_activity_is_zero_between_bursts(tmp_path: Path) -> None:
+    """Two 10 s bursts three hours apart: in between, every user's line is at 0 (it used to
+    join the bursts with a line at ~10 events/s across the idle time)."""
+    with ProvenanceStore(tmp_path / "b.sqlite", clock=Clock(timedelta(seconds=0.05))) as s:
+        s.append_many([param("rev", "t", "wet_dry", k / 200, "s", "alice") for k in range(200)])
+        s.close()
+    clock = Clock(timedelta(seconds=0.05))
+    clock.now = T0 + timedelta(hours=3)
+    with ProvenanceStore(tmp_path / "b.sqlite", clock=clock) as s:
+        s.append_many([param("rev", "t", "wet_dry", k / 200, "s", "bob") for k in range(200)])
+        frame = events_frame(s)
+    timeline = plot_activity(frame).axes[0]
+    assert "bins" in timeline.get_title()  # 3 h do not fit 1,000 one-second bins
+    for line in timeline.lines:
+        for gap in (T0 + timedelta(minutes=5), T0 + timedelta(hours=1.5),
+                    T0 + timedelta(hours=3) - timedelta(minutes=1)):
+            assert value_at(line, gap) == 0, (line.get_label(), gap)
+    peaks = {line.get_label(): max(line.get_ydata()) for line in timeline.lines}
+    assert 5 < peaks["alice"] <= 20 and 5 < peaks["bob"] <= 20  # 20 events/s, bin means
+
+
+def test_activity_of_one_event_is_visible(store: ProvenanceStore) -> None:
+    frame = events_frame(store).iloc[:1]
+    timeline = plot_activity(frame).axes[0]
+    (line,) = timeline.lines
+    assert value_at(line, T0 + timedelta(milliseconds=500)) == 1  # one event in its second
+    low, high = (mdates.num2date(x) for x in timeline.get_xlim())
+    assert low < T0 < high and high - low < timedelta(seconds=10)
+    assert "bins" not in timeline.get_title()
+
+
+def test_activity_counts_are_on_a_log_scale_and_labelled(store: ProvenanceStore) -> None:
+    """One bypass next to many updates stays visible: log scale, bars start below 1, and
+    each bar says its count."""
+    bars = plot_activity(events_frame(store)).axes[1]
+    assert bars.get_yscale() == "log"
+    assert bars.get_ylim()[0] < 1
+    heights = sorted(int(p.get_height()) for p in bars.patches)
+    assert heights == [1, 1, 1, 2, 8]
+    labels = sorted(int(t.get_text()) for t in bars.texts)
+    assert labels == heights
 
 
 def tone(seconds: float = 0.5, rate: int = 8000) -> np.ndarray:
@@ -413,3 +514,52 @@ def test_time_bounds_accept_every_timestamp_type(store: ProvenanceStore) -> None
         pd.testing.assert_frame_equal(events_frame(store, start=bound), expected)
     with pytest.raises(TypeError, match="expected a datetime"):
         events_frame(store, start=12345)  # type: ignore[arg-type]
+
+
+def test_a_start_between_two_milliseconds_never_returns_an_earlier_event(
+        store: ProvenanceStore) -> None:
+    """Timestamps have ms resolution: a lower bound rounds up, an upper bound down."""
+    at_500ms = T0 + timedelta(milliseconds=500)  # seq 3; seq 4 is at 750 ms
+    late = pd.Timestamp(at_500ms) + pd.Timedelta(nanoseconds=1)
+    for start in (at_500ms + timedelta(microseconds=500), "2026-11-25T20:00:00.5001Z", late,
+                  late.to_datetime64()):
+        assert events_frame(store, start=start)["seq"].iloc[0] == 4, start
+    exactly = events_frame(store, start=at_500ms, end=T0 + timedelta(milliseconds=750.9))
+    assert list(exactly["seq"]) == [3, 4]
+
+
+def rchar() -> int:
+    """Bytes this process has read through system calls (SQLite reads pages with pread)."""
+    with open("/proc/self/io") as io_stats:
+        return next(int(line.split()[1]) for line in io_stats if line.startswith("rchar:"))
+
+
+@pytest.fixture(scope="module")
+def long_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,001 events, 10 ms apart: a plugin and 20,000 updates by alice and bob."""
+    path = tmp_path_factory.mktemp("long") / "long.sqlite"
+    with ProvenanceStore(path, clock=Clock(timedelta(milliseconds=10))) as s:
+        s.append(add("rev", "t1", "s1", "alice", wet_dry=0.0))
+        s.append_many([param("rev", "t1", "wet_dry", k % 100 / 100, "s1", ("alice", "bob")[k % 2])
+                       for k in range(20_000)])
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+@pytest.mark.parametrize(
+    ("filters", "rows", "share"),
+    [({"start": T0 + timedelta(seconds=100), "end": T0 + timedelta(seconds=100.05)}, 6, 0.02),
+     ({"start": T0 + timedelta(days=1)}, 0, 0.02),
+     ({"user_id": "nobody"}, 0, 0.006)],
+)
+def test_a_narrow_filter_reads_a_small_part_of_the_database(
+        long_log: Path, filters: dict[str, Any], rows: int, share: float) -> None:
+    """The filters' indexes bound what is read: a 50 ms window of a 16 MB log, a start after
+    its end, or an absent user read a small share of the file (it was 70% to 300% when the
+    time bounds scanned the table, and an index scan of 1.7% for no rows)."""
+    size = sum(p.stat().st_size for p in long_log.parent.iterdir())
+    before = rchar()
+    frame = events_frame(long_log, **filters)
+    read = rchar() - before
+    assert len(frame) == rows
+    assert read < size * share, f"read {read:,} bytes of {size:,}"

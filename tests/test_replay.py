@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import tracemalloc
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ import pytest
 import pluginlab.lab as lab_module
 from pluginlab.engine import Engine
 from pluginlab.errors import InvalidParameter
+from pluginlab.provenance import EventDraft, ProvenanceStore
 from pluginlab.replay import replay, restore_engine
 from pluginlab.sources import Source
 
@@ -154,3 +161,102 @@ def test_replay_plays_preset_loads_and_reports_what_it_cannot_play(tmp_path: Pat
         assert 20 * np.log10(after / during) == pytest.approx(40.0, abs=1.0)  # preset heard
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------
+# Replays of stores written with an injected clock: long histories, long idle gaps
+
+
+T0 = datetime(2026, 11, 25, 20, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    """Hands out the times queued with ``at`` (one per appended event)."""
+
+    def __init__(self) -> None:
+        self.times: deque[datetime] = deque()
+
+    def __call__(self) -> datetime:
+        return self.times.popleft()
+
+
+def utility(plugin_id: str, track: str) -> EventDraft:
+    return EventDraft("alice", "s", "plugin_add", "plugin", plugin_id, "create", {
+        "track_id": track, "plugin_id": plugin_id, "name": "Utility", "plugin_path": None,
+        "index": None, "parameters": {"gain": 0.0}, "bypass": False})
+
+
+def gain(plugin_id: str, track: str, value: float) -> EventDraft:
+    return EventDraft("alice", "s", "parameter_update", "parameter", f"{plugin_id}.gain",
+                      "update", {"track_id": track, "plugin_id": plugin_id,
+                                 "parameter_id": "gain", "value": value,
+                                 "previous_value": None})
+
+
+def recorded(path: Path, events: list[tuple[float, EventDraft]]) -> ProvenanceStore:
+    """A store holding ``events``, each at ``T0 + seconds``."""
+    clock = Clock()
+    store = ProvenanceStore(path, clock=clock)
+    clock.times.extend(T0 + timedelta(seconds=s) for s, _ in events)
+    store.append_many([draft for _, draft in events])
+    return store
+
+
+def peak_python_memory(call: Callable[[], object]) -> int:
+    """Peak bytes allocated through Python (numpy arrays included) while ``call`` runs."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_replay_longer_than_max_seconds_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Two changes 11 minutes apart: the default window (first to last change, idle time
+    included) would render 661.5 s; the error says so and how to ask for a window, and
+    nothing was allocated for it (the audio alone would be 233 MB)."""
+    with recorded(tmp_path / "gap.sqlite", [(0, utility("g", "t")), (1, gain("g", "t", -40.0)),
+                                            (661, gain("g", "t", 0.0))]) as store:
+        def default_window() -> None:
+            with pytest.raises(ValueError, match=r"would render 661\.5 s .*start= and end="):
+                replay(store, "s", "t", source=Source.sine(220, 1.0))
+
+        assert peak_python_memory(default_window) < 2_000_000
+        with pytest.raises(ValueError, match=r"would render 4\.5 s .*max_seconds=3"):
+            replay(store, "s", "t", source=Source.sine(220, 1.0), end=T0 + timedelta(seconds=4),
+                   max_seconds=3)
+        allowed = replay(store, "s", "t", source=Source.sine(220, 1.0), max_seconds=math.inf,
+                         sample_rate=8000, block_size=512)
+        assert allowed.seconds == pytest.approx(661.5)
+
+
+def test_a_short_window_late_in_a_long_session_reads_only_the_window(tmp_path: Path) -> None:
+    """20,000 changes on another track, then two on the replayed one: a 0.6 s window does not
+    hold the session's history in memory (Event objects for all of it took ~20 MB)."""
+    history = [(0.0, utility("g", "t")), (0.0, utility("other", "u"))]
+    history += [(0.01 * k, gain("other", "u", -(k % 60))) for k in range(20_000)]
+    history += [(300.0, gain("g", "t", -40.0)), (300.4, gain("g", "t", 0.0))]
+    with recorded(tmp_path / "long.sqlite", history) as store:
+        def window() -> Any:
+            return replay(store, "s", "t", source=Source.sine(220, 2.0, level_db=-6),
+                          start=T0 + timedelta(seconds=299.9), end=T0 + timedelta(seconds=300.5))
+
+        result = window()  # the first render in a process also builds caches; not counted
+        peak = peak_python_memory(window)
+    assert [(round(c.time, 3), c.value) for c in result.changes] == [(0.1, -40.0), (0.5, 0.0)]
+    assert result.seconds == pytest.approx(1.6)
+    sr = result.sample_rate
+    during = rms(result.audio[:, int(0.15 * sr): int(0.45 * sr)])
+    after = rms(result.audio[:, int(0.55 * sr):])
+    assert 20 * np.log10(after / during) == pytest.approx(40.0, abs=1.0)
+    assert peak < 8_000_000, f"peak {peak:,} bytes"
+
+
+def test_a_start_between_two_milliseconds_leaves_out_the_change_before_it(
+        tmp_path: Path) -> None:
+    with recorded(tmp_path / "ms.sqlite", [(0, utility("g", "t")), (1.0, gain("g", "t", -40.0)),
+                                           (1.4, gain("g", "t", -6.0))]) as store:
+        result = replay(store, "s", "t", source=Source.sine(220, 1.0),
+                        start=T0 + timedelta(seconds=1, microseconds=500))
+    assert [c.value for c in result.changes] == [-6.0]
