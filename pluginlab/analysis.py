@@ -29,7 +29,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,8 +44,7 @@ from .provenance import (
     ProvenanceReader,
     ProvenanceStore,
     _open_for_reading,
-    format_timestamp,
-    parse_timestamp,
+    timestamp_bound,
     warn_if_unindexed,
 )
 
@@ -231,33 +230,13 @@ def _filters(
             continue
         values = [wanted] if isinstance(wanted, str) else list(wanted)
         filters.append((f"{column} IN ({', '.join('?' * len(values))})", values))
-    bounds = [(f"timestamp {op} ?", [_ms_text(moment, lower=op == ">=")])
+    bounds = [(f"timestamp {op} ?", [timestamp_bound(moment, lower=op == ">=")])
               for op, moment in ((">=", start), ("<=", end)) if moment is not None]
     if bounds:  # one condition, so that one index range answers both bounds
         filters.append((" AND ".join(c for c, _ in bounds), [a for _, v in bounds for a in v]))
     return filters
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _ms_text(moment: datetime | str, *, lower: bool) -> str:
-    """An inclusive bound as the store's millisecond text, so that comparing texts is exact.
-
-    A lower bound rounds up and an upper bound down: stored timestamps have ms resolution, so
-    no event before ``start`` (or after ``end``) passes. Sub-microsecond digits that
-    ``datetime`` cannot hold (numpy, pandas, ISO text) count too.
-    """
-    parsed = parse_timestamp(moment)  # validates; naive = UTC
-    try:
-        stamp = pd.Timestamp(moment)  # nanoseconds, where the input has them
-        stamp = stamp.tz_localize(UTC) if stamp.tzinfo is None else stamp.tz_convert(UTC)
-    except (TypeError, ValueError):
-        stamp = pd.Timestamp(parsed)
-    if abs(stamp.value - pd.Timestamp(parsed).value) >= 1000:  # pandas read it otherwise
-        stamp = pd.Timestamp(parsed)
-    ms = -(-stamp.value // 1_000_000) if lower else stamp.value // 1_000_000
-    return format_timestamp(_EPOCH + timedelta(milliseconds=ms))
 
 
 def _rowid_range(

@@ -285,6 +285,24 @@ def format_timestamp(moment: datetime | None = None) -> str:
     return _iso_ms(_to_ms(moment if moment is not None else datetime.now(_UTC)))
 
 
+def timestamp_bound(moment: datetime | str, *, lower: bool) -> str:
+    """An inclusive time bound as the log's millisecond text, so comparing texts is exact: a
+    lower bound rounds up and an upper bound down, so no event before ``start`` or after
+    ``end`` passes. Exact to the nanosecond for pandas Timestamps and numpy datetime64, to the
+    microsecond for datetimes and ISO text (naive = UTC)."""
+    ns = _epoch_ns(moment)
+    return _iso_ms(-(-ns // 1_000_000) if lower else ns // 1_000_000)
+
+
+def _epoch_ns(moment: datetime | str) -> int:
+    if type(moment).__name__ == "datetime64":  # numpy, without importing it here
+        return int(cast(Any, moment).astype("datetime64[ns]").astype("int64"))
+    nanos = getattr(moment, "value", None)  # a pandas Timestamp: ns since the epoch, UTC
+    if isinstance(moment, datetime) and isinstance(nanos, int):
+        return nanos
+    return (parse_timestamp(moment) - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
 def parse_timestamp(value: datetime | str) -> datetime:
     """An aware UTC datetime from a datetime (naive = UTC; pandas Timestamps are datetimes),
     a ``numpy.datetime64`` (UTC) or an ISO-8601 string."""
@@ -1594,7 +1612,7 @@ class _EventReads:
         for clause, moment in (("timestamp >= ?", start), ("timestamp <= ?", end)):
             if moment is not None:
                 where.append(clause)
-                args.append(_iso_ms(_to_ms(parse_timestamp(moment))))
+                args.append(timestamp_bound(moment, lower=clause.startswith("timestamp >")))
         sql = f"SELECT {_EVENT_COLUMNS} FROM daid_events"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -1666,7 +1684,7 @@ class _EventReads:
                 args.append(row[0])
             elif at is not None:
                 where.append("timestamp <= ?")
-                args.append(_iso_ms(_to_ms(parse_timestamp(at))))
+                args.append(timestamp_bound(at, lower=False))
             # Only what apply_event reads; parents and hashes are not needed to replay.
             cursor = conn.execute(
                 "SELECT seq, id, timestamp, user_id, action, details FROM daid_events "

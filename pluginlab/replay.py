@@ -21,7 +21,7 @@ import sqlite3
 import warnings
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,8 @@ from .provenance import (
     ProvenanceReader,
     ProvenanceStore,
     _open_for_reading,
-    format_timestamp,
     parse_timestamp,
+    timestamp_bound,
 )
 from .sources import Source
 
@@ -117,7 +117,7 @@ def replay(
         t_end = parse_timestamp(end) if end is not None else parse_timestamp(last_stamp)
         seconds = max((t_end - t0).total_seconds(), 0.0) + tail
         _check_length(seconds, max_seconds, t0, t_end)
-        end_text = _ms_text(t_end, lower=False)
+        end_text = timestamp_bound(t_end, lower=False)
         until = _last_seq_until(conn, end_text)
         before = _daid_before(conn, session_id, first_seq)
     on_track = [e for e in store.events(session_id, since_seq=first_seq, until_seq=until,
@@ -166,13 +166,13 @@ def _track_window(
              "+action IN ('parameter_update', 'preset_load')"]
     args: list[Any] = [session_id, track_id]
     if start is not None:
-        low = _first_seq_from(conn, _ms_text(start, lower=True))
+        low = _first_seq_from(conn, timestamp_bound(start, lower=True))
         where += ["seq >= ?", "+timestamp >= ?"]
-        args += [_MAX_SEQ if low is None else low, _ms_text(start, lower=True)]
+        args += [_MAX_SEQ if low is None else low, timestamp_bound(start, lower=True)]
     if end is not None:
-        high = _last_seq_until(conn, _ms_text(end, lower=False))
+        high = _last_seq_until(conn, timestamp_bound(end, lower=False))
         where += ["seq <= ?", "+timestamp <= ?"]
-        args += [-1 if high is None else high, _ms_text(end, lower=False)]
+        args += [-1 if high is None else high, timestamp_bound(end, lower=False)]
     sql = f"SELECT seq, timestamp FROM daid_events WHERE {' AND '.join(where)} ORDER BY seq"
     first = conn.execute(f"{sql} LIMIT 1", args).fetchone()
     if first is None:
@@ -207,15 +207,6 @@ def _daid_before(conn: sqlite3.Connection, session_id: str, seq: int) -> str | N
     return None if row is None else str(row[0])
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _ms_text(moment: datetime | str, *, lower: bool) -> str:
-    """An inclusive bound as the store's millisecond text: a lower bound rounds up and an
-    upper bound down, so no event outside ``[start, end]`` passes."""
-    exact = parse_timestamp(moment)
-    ms, rest = divmod((exact - _EPOCH) // timedelta(microseconds=1), 1000)
-    return format_timestamp(_EPOCH + timedelta(milliseconds=ms + (1 if lower and rest else 0)))
 
 
 _VALUE_ACTIONS = ("parameter_update", "preset_load")  # replayed as automation

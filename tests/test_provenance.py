@@ -522,6 +522,10 @@ def test_events_filters(store: ProvenanceStore) -> None:
     assert [e.seq for e in store.events(start="2026-11-25T20:16:03.125Z",
                                         end=T0 + timedelta(milliseconds=10))] == [2, 3]
     assert [e.seq for e in store.events(limit=1)] == [1]
+    # bounds between two milliseconds: nothing before start or after end (start rounds up)
+    half = timedelta(microseconds=500)
+    assert [e.seq for e in store.events(start=T0 + half)] == [2, 3, 4]
+    assert [e.seq for e in store.events(end=T0 + timedelta(milliseconds=5) + half)] == [1, 2]
     assert store.sessions() == ["s1", "s2"]
     with pytest.raises(DaidNotFound):
         store.event(make_daid("x", "user", "x", "auth", {}))
