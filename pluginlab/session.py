@@ -815,9 +815,15 @@ class Studio:
                     (put_back or plugin.update)(restore)
             log.exception("provenance store refused %d event(s)", len(drafts))
             raise InternalError("the change could not be recorded; it was not applied") from exc
+        except BaseException:  # cancelled: events handed to the store are recorded all the same
+            self._settled(waiting)
+            raise
+        self._settled(waiting)
+        return str(events[-1].daid)
+
+    def _settled(self, waiting: list[tuple[Any, Any]]) -> None:
         for key, change in waiting:
             self._tentative.recorded(key, change)
-        return str(events[-1].daid)
 
     def _waiting_changes(self, conn: Connection, plugin: Plugin | None,
                          previous: dict[Any, Any] | None) -> list[tuple[Any, Any]]:

@@ -541,6 +541,43 @@ def test_undoing_a_failed_change_never_overwrites_a_later_acknowledged_one(
     run(scenario())
 
 
+def test_a_cancelled_request_leaves_no_tentative_change_behind(tmp_path: Path) -> None:
+    """fsync: a request cancelled while its change waits for the sync (e.g. at shutdown) is
+    recorded all the same (the store keeps what it was handed); the ledger of unrecorded
+    changes must not keep it, or it would hold every later change of that value forever."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice = await rig.peer("alice")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid, "parameter_id": "wet_dry"}
+            gate = asyncio.Event()
+            append = rig.store.append_many_async
+
+            async def slow_sync(drafts: list[Any]) -> list[Any]:
+                handed = asyncio.ensure_future(append(drafts))  # handed over at once
+                await gate.wait()
+                return await handed
+
+            rig.store.append_many_async = slow_sync  # type: ignore[method-assign]
+            waiting = asyncio.ensure_future(alice.answer(
+                "PLUGIN_PARAMETER", {**base, "parameter_value": 0.9}))
+            while len(rig.studio._tentative) == 0:
+                await asyncio.sleep(0.005)
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            assert len(rig.studio._tentative) == 0
+            gate.set()
+            rig.store.append_many_async = append  # type: ignore[method-assign]
+            for value in (0.1, 0.2):
+                await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_value": value})
+            assert len(rig.studio._tentative) == 0
+            logged = [e.details["value"] for e in rig.store.events("jam")
+                      if e.action == "parameter_update"]
+            assert logged == [0.9, 0.1, 0.2]
+
+    run(scenario())
+
+
 def test_undoing_two_failed_changes_restores_the_value_from_before_both(
         tmp_path: Path) -> None:
     async def scenario() -> None:
