@@ -146,6 +146,15 @@ class Plugin:
         """Validate every value, then apply all of them (all-or-nothing)."""
         return self._engine._apply(self, values)
 
+    def revert(self, values: Mapping[str, float], bypass: bool | None = None) -> None:
+        """Put back earlier values (and bypass) to undo a change that could not be recorded:
+        no validation (they were current before), and also on a plugin removed meanwhile, so
+        that a removal undone later brings the plugin back with them."""
+        with self._engine._lock:
+            self._values.update((k, v) for k, v in values.items() if k in self._values)
+            if bypass is not None:
+                object.__setattr__(self, "_bypass", bypass)
+
     def text(self, parameter_id: str) -> str:
         """Display text of the current value (the plugin's own text for binaries).
 

@@ -480,6 +480,8 @@ class Studio:
     def _leave(self, conn: Connection) -> None:
         session = self.sessions.get(conn.session_id or "")
         if session is not None and session.members.pop(conn.id, None) is not None:
+            if conn.legacy:  # the last old client gone: broadcasts stop looking for them
+                session.speaks_legacy = any(m.legacy for m in session.members.values())
             if not self._present_elsewhere(session, conn):
                 self._broadcast(session, conn, "PRESENCE", {"event": "left",
                                                             "user_id": conn.user_id})
@@ -595,6 +597,7 @@ class Studio:
         session = self._session_of(conn)
         plugin = self._plugin(session, request)
         async with session.structure:
+            plugin = self._plugin(session, request)  # again: a remove may have run meanwhile
             index = list(session.engine.track(plugin.track_id).plugins).index(plugin)
             await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
             try:
@@ -662,8 +665,7 @@ class Studio:
         daid = await self._record(conn, [self._draft(
             conn, "plugin_bypass", "plugin", plugin.id, "bypass",
             {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass})],
-            plugin, {_BYPASS: before},
-            lambda restore: session.engine.set_bypass(plugin.id, restore[_BYPASS]))
+            plugin, {_BYPASS: before}, _revert_bypass)
         data = {"track_id": plugin.track_id, "plugin_id": plugin.id, "bypass": bypass,
                 "success": True, "daid": daid}
         self._broadcast(session, conn, "PLUGIN_BYPASS", data)
@@ -786,13 +788,15 @@ class Studio:
 
     async def _record(self, conn: Connection, drafts: list[EventDraft],
                       plugin: Plugin | None = None, previous: dict[Any, Any] | None = None,
-                      put_back: Callable[[dict[Any, Any]], Any] | None = None) -> str | None:
+                      put_back: Callable[[Plugin, dict[Any, Any]], None] | None = None
+                      ) -> str | None:
         """Append events durably; returns the last DAID (None when tracking is off).
 
         The change was applied first; ``previous`` maps what it changed on ``plugin`` (parameter
         ids) to the values before. If the events cannot be recorded the change is undone with
-        ``put_back`` (default ``plugin.update``), given only the values no later change has
-        overwritten meanwhile (see :mod:`pluginlab.tentative`), and InternalError is raised.
+        ``put_back(plugin, values)`` (default: :meth:`Plugin.revert` of the values), given only
+        the values no later change has overwritten meanwhile (see :mod:`pluginlab.tentative`),
+        and InternalError is raised.
         """
         if not self.tracking or not drafts:
             return None
@@ -811,8 +815,9 @@ class Studio:
                 assert plugin is not None and previous is not None
                 restore = self._undo_waiting(waiting) if waiting else previous
                 restore = {k: v for k, v in restore.items() if v is not None}
-                if restore:
-                    (put_back or plugin.update)(restore)
+                undo = put_back or _revert_values
+                for target in self._undo_targets(conn, plugin) if restore else ():
+                    undo(target, restore)
             log.exception("provenance store refused %d event(s)", len(drafts))
             raise InternalError("the change could not be recorded; it was not applied") from exc
         except BaseException:  # cancelled: events handed to the store are recorded all the same
@@ -820,6 +825,17 @@ class Studio:
             raise
         self._settled(waiting)
         return str(events[-1].daid)
+
+    def _undo_targets(self, conn: Connection, plugin: Plugin) -> list[Plugin]:
+        """The plugin objects an undo applies to: ``plugin`` (also when removed meanwhile: a
+        removal undone later brings it back with its values) and the one put back in its place
+        if its removal was undone first (the same id, name and path)."""
+        session = self.sessions.get(conn.session_id or "")
+        current = session.engine.plugins.get(plugin.id) if session is not None else None
+        if current is None or current is plugin or (current.name, current.plugin_path) != (
+                plugin.name, plugin.plugin_path):
+            return [plugin]
+        return [plugin, current]
 
     def _settled(self, waiting: list[tuple[Any, Any]]) -> None:
         for key, change in waiting:
@@ -865,15 +881,16 @@ class Studio:
             return
         message = envelope(msg_type, data, user_id=user_id or sender.user_id,
                            session_id=session.id)
-        outgoing = [(member, message) for member in others]
-        if session.speaks_legacy and any(member.legacy for member in others):
-            outgoing += self._legacy_broadcasts(others, msg_type, data, user_id or sender.user_id,
-                                                session.id)
+        old_shapes = self._legacy_broadcasts(others, msg_type, data, user_id or sender.user_id,
+                                             session.id) if session.speaks_legacy else []
         current = _in_flight.get()
         if current is not None and current.open:
-            current.held.extend(outgoing)  # after the reply
+            current.held.extend((member, message) for member in others)  # after the reply
+            current.held.extend(old_shapes)
         else:
-            for member, each in outgoing:
+            for member in others:
+                self._send(member, message)
+            for member, each in old_shapes:
                 self._send(member, each)
 
     @staticmethod
@@ -882,9 +899,12 @@ class Studio:
                            ) -> list[tuple[Connection, dict[str, Any]]]:
         """The broadcast again in the old shapes (fields at the top level too), for the
         members that spoke the old format; they follow the new-format message."""
+        old_clients = [member for member in members if member.legacy]
+        if not old_clients:
+            return []
         translated = [envelope(t, d, user_id=user_id, session_id=session_id, top_level=d)
                       for t, d in legacy_broadcasts(msg_type, data)]
-        return [(member, each) for member in members if member.legacy for each in translated]
+        return [(member, each) for member in old_clients for each in translated]
 
     def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
                       daid: str | None, parameters: dict[str, float] | None) -> None:
@@ -955,6 +975,14 @@ class Studio:
                 continue
             for message in messages:
                 self._send(member, message)
+
+
+def _revert_values(plugin: Plugin, values: dict[Any, Any]) -> None:
+    plugin.revert(values)
+
+
+def _revert_bypass(plugin: Plugin, values: dict[Any, Any]) -> None:
+    plugin.revert({}, bypass=values[_BYPASS])
 
 
 def _batch_values(raw: Any) -> dict[str, Any]:

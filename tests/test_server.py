@@ -242,6 +242,12 @@ def test_old_clients_receive_others_changes_in_the_old_shapes(tmp_path: Path) ->
             await new.ping()
             assert not new.received("PLUGIN_ADDED") and not new.received("PARAMETER_UPDATED")
             assert new.received("PLUGIN_ADD") and new.received("PLUGIN_PARAMETER")
+            session = server.studio.sessions["legacy_session"]
+            assert session.speaks_legacy
+            for old in (adder, watcher):
+                await old.client.close()
+            await new.wait_for("PRESENCE", lambda m: m["data"]["event"] == "left")
+            assert not session.speaks_legacy  # broadcasts stop looking for old clients
 
     run(scenario())
 

@@ -541,6 +541,60 @@ def test_undoing_a_failed_change_never_overwrites_a_later_acknowledged_one(
     run(scenario())
 
 
+def test_removing_a_plugin_twice_at_once_is_plugin_not_found(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            replies = await asyncio.gather(alice.answer("PLUGIN_REMOVE", base),
+                                           bob.answer("PLUGIN_REMOVE", base))
+            outcomes = sorted(r["data"].get("code", "ok") for r in replies)
+            assert outcomes == ["PLUGIN_NOT_FOUND", "ok"]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("remove_fails_first", [False, True])
+def test_a_failed_change_and_a_failed_removal_bring_back_the_value_from_before(
+        tmp_path: Path, remove_fails_first: bool) -> None:
+    """fsync: Alice's change waits for its record when Bob removes the plugin; both records
+    fail. The plugin must come back with the value the log has, whichever fails first."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            before = (await alice.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
+            gates = {"parameter_update": asyncio.Event(), "plugin_remove": asyncio.Event()}
+            append = rig.store.append_many_async
+
+            async def failing(drafts: list[Any]) -> list[Any]:
+                gate = gates.get(drafts[0].action)
+                if gate is None:
+                    return await append(drafts)
+                await gate.wait()
+                raise OSError(28, "No space left on device")
+
+            rig.store.append_many_async = failing  # type: ignore[method-assign]
+            change = asyncio.ensure_future(alice.answer(
+                "PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry", "parameter_value": 0.9}))
+            await asyncio.sleep(0.05)
+            removal = asyncio.ensure_future(bob.answer("PLUGIN_REMOVE", base))
+            await asyncio.sleep(0.05)
+            order = ["plugin_remove", "parameter_update"] if remove_fails_first else \
+                ["parameter_update", "plugin_remove"]
+            for action, reply in zip(order, ((removal, change) if remove_fails_first
+                                             else (change, removal))):
+                gates[action].set()
+                assert (await reply)["data"]["code"] == "INTERNAL_ERROR"
+            rig.store.append_many_async = append  # type: ignore[method-assign]
+            got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
+            assert got["parameters"]["wet_dry"] == before
+
+    run(scenario())
+
+
 def test_a_cancelled_request_leaves_no_tentative_change_behind(tmp_path: Path) -> None:
     """fsync: a request cancelled while its change waits for the sync (e.g. at shutdown) is
     recorded all the same (the store keeps what it was handed); the ledger of unrecorded
