@@ -803,12 +803,19 @@ _BIN_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 1
                 43200, 86400)
 
 
-def _bin_seconds(span: int) -> int:
-    """The width of the timeline's bins for ``span`` seconds: at most _MAX_BINS of them."""
+def _bin_seconds(first: int, last: int) -> int:
+    """The width of the timeline's bins from second ``first`` to ``last`` (bins start at
+    multiples of the width): the narrowest giving at most _MAX_BINS of them."""
+    def bins(width: int) -> int:
+        return last // width - first // width + 1
+
     for width in _BIN_SECONDS:
-        if span <= width * _MAX_BINS:
+        if bins(width) <= _MAX_BINS:
             return width
-    return 86400 * -(-span // (86400 * _MAX_BINS))
+    days = -(-(last - first + 1) // (86400 * _MAX_BINS))
+    while bins(86400 * days) > _MAX_BINS:
+        days += 1
+    return 86400 * days
 
 
 def _draw_rates(ax: Axes, frame: pd.DataFrame) -> str:
@@ -818,7 +825,7 @@ def _draw_rates(ax: Axes, frame: pd.DataFrame) -> str:
     if frame.empty:
         return ""
     seconds = pd.DatetimeIndex(frame["timestamp"]).as_unit("s").asi8
-    width = _bin_seconds(int(seconds.max() - seconds.min()) + 1)
+    width = _bin_seconds(int(seconds.min()), int(seconds.max()))
     origin = int(seconds.min()) // width * width
     bins = (seconds - origin) // width
     edges = pd.to_datetime(origin + width * np.arange(int(bins.max()) + 2), unit="s", utc=True)

@@ -32,7 +32,7 @@ from typing import Any, Self
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .messages import HANDSHAKE_ID
 
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 CLIENT_MAX_SIZE = 16 * 2**20
 
 Predicate = Callable[[dict[str, Any]], bool]
-_UNANSWERED_KEPT = 1024  # ids of abandoned calls and cursor updates remembered
+_UNANSWERED_KEPT = 1024  # ids of abandoned calls remembered
+_CURSOR_ID = "py_cursor_"  # ids of cursor updates (no reply; an ERROR for one is logged)
 
 
 def _dumps(body: dict[str, Any]) -> str:
@@ -134,7 +135,9 @@ class Client:
                  **connect_kwargs: Any) -> None:
         headers = connect_kwargs.get("additional_headers") or {}
         items = headers.items() if hasattr(headers, "items") else headers
-        bearer = any(str(k).lower() == "authorization" for k, _ in items)
+        bearer = any(str(k).lower() == "authorization"
+                     and str(v).lower().startswith("bearer ") and str(v)[7:].strip()
+                     for k, v in items)
         self._handshake = bool(token) or bearer
         if token:
             query = {"token": token, **({"session_id": session_id} if session_id else {})}
@@ -165,10 +168,13 @@ class Client:
         failed handshake leaves nothing open."""
         if self._ws is not None and not self.closed:
             raise RuntimeError("already connected; close() first")
+        self.handshake = self.user_id = self.session_id = self.snapshot = None  # a new join
         try:
             self._ws = await connect(self.url, **self._connect_kwargs)
         except InvalidStatus as exc:
             raise _refusal(exc) from exc
+        except (OSError, InvalidHandshake) as exc:  # refused, unreachable, not a WebSocket
+            raise ClientConnectionError(f"cannot connect to {self.url}: {exc}") from exc
         self._reader = asyncio.create_task(self._read())
         if self._handshake:
             try:
@@ -230,13 +236,16 @@ class Client:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
         body = {"id": msg_id, "type": msg_type, "data": data or {}, **envelope}
+        sent = False
         try:
             await self.send_raw(_dumps(body))
+            sent = True
             reply = await asyncio.wait_for(future, self.timeout)
         finally:
             self._pending.pop(msg_id, None)
             if not future.done() or future.cancelled():  # cancelled or timed out: its
-                self._expect_no_caller(msg_id)  # reply, if one comes, is nobody's broadcast
+                if sent:  # reply, if one comes, is nobody's broadcast
+                    self._expect_no_caller(msg_id)
                 future.cancel()
             elif not future.cancelled():
                 future.exception()  # retrieved here if the send failed first
@@ -324,10 +333,8 @@ class Client:
         """USER_CURSOR_UPDATE (``track_id``, ``plugin_id``, ``parameter_id``, ``position``).
         It has no reply, so this does not wait; an ERROR the server sends back for it (e.g.
         a position over 1 KiB) is logged as a warning, not buffered as a broadcast."""
-        msg_id = self._next_id()
-        self._expect_no_caller(msg_id)
-        await self.send_raw(_dumps({"id": msg_id, "type": "USER_CURSOR_UPDATE",
-                                    "data": fields}))
+        await self.send_raw(_dumps({"id": f"{_CURSOR_ID}{next(self._ids)}",
+                                    "type": "USER_CURSOR_UPDATE", "data": fields}))
 
     async def ping(self) -> dict[str, Any]:
         """PING; returns the whole PONG message (its ``data`` has the server's timestamp)."""
@@ -410,8 +417,8 @@ class Client:
                 self._joined(message.get("data") or {})
         elif future is not None and not future.done():
             future.set_result(message)
-        elif msg_id in self._unanswered:
-            del self._unanswered[msg_id]
+        elif msg_id.startswith(_CURSOR_ID) or msg_id in self._unanswered:
+            self._unanswered.pop(msg_id, None)
             if message.get("type") == "ERROR":
                 log.warning("request %s was refused: %s", msg_id, ClientError(message))
         else:
@@ -425,7 +432,7 @@ class Client:
 
     def _expect_no_caller(self, msg_id: str) -> None:
         """A reply to ``msg_id`` (if any comes) is nobody's: drop it (log an ERROR). Only the
-        last ``_UNANSWERED_KEPT`` such ids are remembered (a cursor update has no reply)."""
+        last ``_UNANSWERED_KEPT`` such ids are remembered."""
         self._unanswered[msg_id] = None
         if len(self._unanswered) > _UNANSWERED_KEPT:
             del self._unanswered[next(iter(self._unanswered))]

@@ -1286,7 +1286,9 @@ def _stored_state_mismatch(conn: sqlite3.Connection) -> str | None:
     words, or None. The stored state is not in the hash chain, so an edit of it would
     otherwise change what a restart restores without any check noticing. Sessions holding
     migrated legacy rows are skipped: their state began before the log."""
-    conn.execute("BEGIN")  # one snapshot: an indexer committing meanwhile is not seen
+    own = not conn.in_transaction  # one snapshot: an indexer committing meanwhile is not seen
+    if own:
+        conn.execute("BEGIN")
     try:
         rebuilt: dict[str, State] = {}
         loads = json.loads
@@ -1312,7 +1314,8 @@ def _stored_state_mismatch(conn: sqlite3.Connection) -> str | None:
                         "(plugin_configurations or session_tracks edited?)")
         return None
     finally:
-        conn.execute("ROLLBACK")
+        if own:
+            conn.execute("ROLLBACK")
 
 
 def _state_difference(stored: State, logged: State) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from .config import FLAG_ENV, ServerConfig
+from .messages import MAX_ID
 
 __all__ = ["register"]
 
@@ -84,6 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # one line per connection and per handshake is noise at info
         logging.getLogger("websockets").setLevel(logging.WARNING)
+    if not 0 < len(args.token_user) <= MAX_ID:
+        return _fail(f"token user must be 1 to {MAX_ID} characters (--token-user, "
+                     "PLUGINLAB_TOKEN_USER)")
     try:
         config = _config(args)
         server = PluginServer(config)
@@ -216,8 +220,8 @@ def _key_pair_mismatch(private_pem: str, public_pem: str | None) -> str | None:
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the WebSocket plugin server")
     _add_config_options(serve)
-    serve.add_argument("--token-user", default=os.environ.get("PLUGINLAB_TOKEN_USER",
-                                                              "researcher"),
+    serve.add_argument("--token-user", default=os.environ.get("PLUGINLAB_TOKEN_USER") or
+                       "researcher",
                        help="user of the ready token printed at start (default researcher; "
                             "env PLUGINLAB_TOKEN_USER)")
     serve.add_argument("--log-level", default=None,

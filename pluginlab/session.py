@@ -1023,8 +1023,10 @@ def _peek_id(frame: str | bytes) -> str | None:
     try:
         try:
             body = decode_strict(frame)
-        except ValueError:  # grammatical JSON with a number out of range (1e400) has an id;
-            body = json.loads(frame, parse_constant=_not_json)  # NaN and the like: none
+        except ValueError as exc:  # JSON with a number beyond a double (1e400) has an id;
+            if "out of range" not in str(exc):  # NaN and the like, or garbage: none
+                raise
+            body = json.loads(frame, parse_constant=_not_json)
         value = body.get("id") if isinstance(body, dict) else None
         if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
             return None

@@ -421,6 +421,18 @@ def test_activity_is_zero_between_bursts(tmp_path: Path) -> None:
     assert 5 < peaks["alice"] <= 20 and 5 < peaks["bob"] <= 20  # 20 events/s, bin means
 
 
+def test_activity_never_draws_more_than_its_bin_limit(tmp_path: Path) -> None:
+    """Events at 1 s and 2000 s: 2 s bins aligned to even seconds would need 1,001 of them."""
+    clock = Clock(timedelta(seconds=1999))
+    clock.now = T0.replace(second=1, microsecond=0)
+    with ProvenanceStore(tmp_path / "edge.sqlite", clock=clock) as s:
+        s.append(param("rev", "t", "wet_dry", 0.1, "s", "alice"))
+        s.append(param("rev", "t", "wet_dry", 0.2, "s", "alice"))
+        frame = events_frame(s)
+    line, = plot_activity(frame).axes[0].lines
+    assert len(line.get_xdata()) - 1 <= 1000  # bins (a step line repeats the last edge)
+
+
 def test_activity_of_one_event_is_visible(store: ProvenanceStore) -> None:
     frame = events_frame(store).iloc[:1]
     timeline = plot_activity(frame).axes[0]

@@ -153,6 +153,7 @@ def _public_key(tmp_path: Path) -> Path:
     (["--jwt-secret-file", "nope.txt"], {}, "jwt_secret_file: no such file 'nope.txt'"),
     (["--jwt-secret-file", "ec.pub", "--jwt-secret", "s" * 32], {}, "not both"),
     (["--jwt-secret-file", "empty.txt"], {}, "jwt_secret_file 'empty.txt' is empty"),
+    (["--token-user", "u" * 129], {}, "token user must be 1 to 128 characters"),
 ])
 def test_serve_refuses_settings_that_cannot_work(tmp_path: Path, args: list[str],
                                                  env: dict[str, str], said: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import pickle
+import socket
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -35,6 +36,22 @@ def test_a_late_reply_to_an_abandoned_call_is_not_a_broadcast(tmp_path: Path) ->
             assert a.received() == []
             names = [p["name"] for p in (await a.session_state())["tracks"]["t"]]
             assert names == ["Reverb", "Compressor"]  # applied all the same
+
+    run(scenario())
+
+
+def test_many_cursor_updates_do_not_turn_late_replies_into_broadcasts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, rate_limits=False) as server, \
+                clients(server, "alice") as (a,):
+            a.timeout = 0.001  # the first Reverb add compiles its DSP: its reply comes late
+            with pytest.raises(TimeoutError):
+                await a.add_plugin("t", "Reverb")
+            a.timeout = 15.0
+            for i in range(1100):  # sent meanwhile, no reply each: they must not crowd out
+                await a.cursor(position={"i": i})  # the abandoned call's id
+            await a.ping()
+            assert a.received() == []
 
     run(scenario())
 
@@ -78,6 +95,42 @@ def test_a_refused_handshake_token_is_a_client_error_with_the_reason(tmp_path: P
                 "Authorization": f"Bearer {limited}", "Session-Id": "b"})
             refused = await error_of(wrong.connect())
             assert refused.code == "AUTH_FAILED" and wrong.closed
+
+    run(scenario())
+
+
+def test_only_a_bearer_header_is_a_handshake_token_and_reconnects_join_afresh(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as server:
+            basic = Client(server.url, timeout=5, additional_headers={
+                "Authorization": "Basic dXNlcjpwdw=="})  # e.g. for a proxy: no join
+            await basic.connect()
+            try:
+                assert basic.handshake is None and basic.user_id is None
+                assert (await basic.ping())["type"] == "PONG"
+            finally:
+                await basic.close()
+            client = Client(server.url, token=server.token("alice"), session_id="jam")
+            await client.connect()
+            first = client.handshake
+            await client.close()
+            await client.connect()  # waits for this connection's own answer
+            try:
+                assert client.handshake is not first and client.session_id == "jam"
+            finally:
+                await client.close()
+
+    run(scenario())
+
+
+def test_an_unreachable_server_is_a_client_connection_error() -> None:
+    async def scenario() -> None:
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with pytest.raises(ClientConnectionError, match="cannot connect"):
+            await Client(f"ws://127.0.0.1:{port}/ws").connect()
 
     run(scenario())
 
