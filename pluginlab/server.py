@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from typing import Any, Generic, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -52,6 +52,7 @@ log = logging.getLogger("pluginlab.server")
 PIPELINE_DEPTH = 64  # requests of one connection in flight at once
 BURST = 32  # frames of one connection handled in a row before the others get a turn
 READ_PAUSE = 1024 * 1024  # bytes of replies queued to a client: read no more of its frames
+STOP_GRACE = 10.0  # seconds stop() waits for requests in flight to be answered
 
 
 def build_authenticator(config: ServerConfig) -> tuple[Authenticator, bool]:
@@ -128,6 +129,9 @@ class PluginServer:
         self._serialize: _Recent[dict[str, Any], str] = _Recent(dumps, keep=4)
         self._origins = self.config.origins()
         self._stopping = False  # set by stop(): frames not yet handled are left unhandled
+        self._handling = 0  # requests being handled (stop() lets them finish and answer)
+        self._none_handled = asyncio.Event()
+        self._none_handled.set()
         self._outbox = _Outbox(self.config.max_send_buffer)
 
     @property
@@ -164,8 +168,11 @@ class PluginServer:
 
         Frames a client sent that are not being handled yet are dropped, not applied: a change
         is applied only where its reply can still be sent (the client sees close 1001 and no
-        reply, so it knows to resend after reconnecting)."""
+        reply, so it knows to resend after reconnecting). Requests already being handled finish
+        and are answered first (for at most ``STOP_GRACE`` seconds)."""
         self._stopping = True
+        with contextlib.suppress(TimeoutError):  # requests in flight are answered first
+            await asyncio.wait_for(self._none_handled.wait(), STOP_GRACE)
         self._outbox.end_run()  # messages already sent go out before the close frames
         if self._server is not None:
             self._server.close()
@@ -269,7 +276,8 @@ class PluginServer:
             if self._stopping:
                 continue  # read and drop, so the close handshake behind them completes
             try:
-                await receive(conn, frame)
+                with self._handling_one():
+                    await receive(conn, frame)
             except Exception:  # a reply that could not be sent; the connection goes on
                 log.exception("failed to answer a frame from %s", conn.id)
             handled += 1
@@ -295,6 +303,7 @@ class PluginServer:
                     continue  # read and drop (see _serve_in_turn)
                 applied: asyncio.Future[None] = loop.create_future()
                 done: asyncio.Future[None] = loop.create_future()
+                self._begin_handling()  # ended by _one
                 task = asyncio.create_task(
                     self._one(conn, frame, gate, applied, replied, done, slots))
                 tasks.add(task)
@@ -318,6 +327,24 @@ class PluginServer:
                 if not future.done():
                     future.set_result(None)
             slots.release()
+            self._end_handling()
+
+    @contextlib.contextmanager
+    def _handling_one(self) -> Iterator[None]:
+        self._begin_handling()
+        try:
+            yield
+        finally:
+            self._end_handling()
+
+    def _begin_handling(self) -> None:
+        self._handling += 1
+        self._none_handled.clear()
+
+    def _end_handling(self) -> None:
+        self._handling -= 1
+        if not self._handling:
+            self._none_handled.set()
 
     async def _handshake_join(self, ws: ServerConnection, conn: Connection) -> None:
         token, session_id = getattr(ws, "pluginlab_handshake", (None, None))

@@ -265,6 +265,10 @@ class Studio:
                 raise RateLimited("messages_per_second", wait)
             request = parse(frame)
             request_id = request.id
+            if request.type == "AUTH" and reply_after is not None:
+                # a barrier: the connection's identity changes only once its earlier requests
+                # are answered (their replies and broadcasts name who made them, and where)
+                await reply_after
             outgoing = await self._dispatch(conn, request)
         except PluginlabError as exc:
             # a frame refused by the parser still gets its id echoed when it has a readable one
@@ -907,13 +911,17 @@ class Studio:
         return [(member, each) for member in old_clients for each in translated]
 
     def _state_update(self, session: Session, sender: Connection, plugin: Plugin, state: str,
-                      daid: str | None, parameters: dict[str, float] | None) -> None:
+                      daid: str | None, parameters: dict[str, float] | None,
+                      user_id: str | None = None) -> None:
+        """PLUGIN_STATE_UPDATE to the others; ``changed_by`` is ``user_id`` (default: the
+        sender's user now)."""
+        changed_by = user_id or sender.user_id
         data: dict[str, Any] = {"track_id": plugin.track_id, "plugin_id": plugin.id,
-                                "state": state, "changed_by": sender.user_id,
+                                "state": state, "changed_by": changed_by,
                                 "timestamp": now_iso(), "daid": daid}
         if parameters is not None:
             data["parameters"] = parameters
-        self._broadcast(session, sender, "PLUGIN_STATE_UPDATE", data)
+        self._broadcast(session, sender, "PLUGIN_STATE_UPDATE", data, changed_by)
 
     def _relay(self, session: Session, sender: Connection, plugin: Plugin, key: tuple[str, ...],
                values: dict[str, float], daid: str | None, msg_type: str) -> None:
@@ -923,8 +931,12 @@ class Studio:
         ``key`` starts with the plugin id (the throttle's group: no older value of a parameter
         leaves after a newer one). A batch key also names its sender: a merged batch goes to
         everyone but its sender, so batches of different senders are never merged."""
-        if not self.config.enable_session_broadcasting or len(session.members) < 2:
+        members = session.members
+        if not self.config.enable_session_broadcasting or len(members) - (
+                sender.id in members) < 1:  # nobody else (the sender may have left already)
             return
+
+        who = sender.user_id  # the connection may be someone else when the window ends
 
         def fire(merged: dict[str, Any]) -> None:
             if not session.engine.holds(plugin):  # removed meanwhile
@@ -938,8 +950,8 @@ class Studio:
                 relay = {"track_id": plugin.track_id, "plugin_id": plugin.id,
                          "parameters": merged, "success": True, "daid": daid}
             with self._held_together():
-                self._broadcast(session, sender, msg_type, relay)
-                self._state_update(session, sender, plugin, "updated", daid, merged)
+                self._broadcast(session, sender, msg_type, relay, who)
+                self._state_update(session, sender, plugin, "updated", daid, merged, who)
 
         session.throttle.submit(key, values, fire)
 
