@@ -1091,6 +1091,43 @@ def test_stopping_applies_no_frame_it_cannot_answer(tmp_path: Path, fsync: bool)
     run(scenario())
 
 
+@pytest.mark.parametrize(("user", "session"), [("bob", "jam"), ("alice", "other")])
+def test_a_reauth_waits_for_the_requests_before_it(tmp_path: Path, user: str,
+                                                  session: str) -> None:
+    """fsync: alice pipelines 100 changes, then re-AUTHs (as bob, or into another session).
+    Her changes are answered and broadcast as hers, in her session, and the others hear
+    the last one even though she has left."""
+    async def scenario() -> None:
+        async with serving(tmp_path, fsync=True, rate_limits=False) as server, \
+                clients(server, "owner") as (owner,):
+            pid = (await owner.add_plugin("t", "Reverb"))["plugin_id"]
+            async with ws_connect(server.url, proxy=None) as raw:
+                await raw.send(json.dumps({"type": "AUTH", "data": {
+                    "token": server.token("alice"), "session_id": "jam"}}))
+                assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
+                for n in range(1, 101):
+                    await raw.send(json.dumps({"id": f"c{n}", "type": "PLUGIN_PARAMETER",
+                                               "data": {"track_id": "t", "plugin_id": pid,
+                                                        "parameter_id": "wet_dry",
+                                                        "parameter_value": n / 100}}))
+                await raw.send(json.dumps({"id": "again", "type": "AUTH", "data": {
+                    "token": server.token(user), "session_id": session}}))
+                replies: dict[str, Any] = {}
+                while "again" not in replies:
+                    message = json.loads(await raw.recv())
+                    replies[message["id"]] = message
+            assert replies["again"]["type"] == "AUTH_SUCCESS"
+            assert {(replies[f"c{n}"]["user_id"], replies[f"c{n}"]["session_id"])
+                    for n in range(1, 101)} == {("alice", "jam")}
+            last = await owner.wait_for("PLUGIN_STATE_UPDATE", lambda m: (
+                m["data"].get("parameters") or {}).get("wet_dry") == 1.0)
+            assert last["data"]["changed_by"] == "alice" and last["user_id"] == "alice"
+            assert {m["data"]["changed_by"] for m in owner.received("PLUGIN_STATE_UPDATE")
+                    if m["data"]["state"] == "updated"} <= {"alice"}
+
+    run(scenario())
+
+
 # == 5. flood =============================================================================
 
 def test_flood_from_one_client_does_not_starve_another(tmp_path: Path) -> None:
