@@ -163,7 +163,8 @@ class Session:
     throttle: Throttle
     members: dict[str, Connection] = field(default_factory=dict)
     busy: int = 0  # requests of its members being handled (it is not released meanwhile)
-    creating: set[str] = field(default_factory=set)  # plugin ids added but not yet recorded
+    creating: dict[str, str] = field(default_factory=dict)  # plugin ids added but not yet
+    # recorded -> the id of the connection adding each
     # Held from a chain change (add/remove) until it is recorded, so the log's order of chain
     # changes is the engine's: an add must not compute its index from a chain whose removal
     # is still waiting (behind a render) to be recorded.
@@ -530,7 +531,7 @@ class Studio:
 
         def hold(plugin_id: str) -> None:  # in the engine's thread, before others can see it
             held.append(plugin_id)
-            session.creating.add(plugin_id)
+            session.creating[plugin_id] = conn.id
 
         try:
             async with session.structure:
@@ -552,7 +553,8 @@ class Studio:
                     raise
             info = await asyncio.to_thread(plugin.parameter_info)
         finally:
-            session.creating.difference_update(held)  # recorded (or gone): addressable now
+            for plugin_id in held:  # recorded (or gone): addressable now
+                session.creating.pop(plugin_id, None)
         data = {"track_id": plugin.track_id, "name": plugin.name,
                 "plugin_path": plugin.plugin_path, "plugin_id": plugin.id, "index": index,
                 "parameters": plugin.values, "parameter_info": info, "bypass": False,
@@ -599,9 +601,9 @@ class Studio:
     async def _plugin_remove(self, conn: Connection, request: Request) -> dict[str, Any]:
         self._limit(conn.plugin_ops, "plugin_ops_per_second")
         session = self._session_of(conn)
-        plugin = self._plugin(session, request)
+        plugin = self._plugin(session, request, conn)
         async with session.structure:
-            plugin = self._plugin(session, request)  # again: a remove may have run meanwhile
+            plugin = self._plugin(session, request, conn)  # again: a remove may have run meanwhile
             index = list(session.engine.track(plugin.track_id).plugins).index(plugin)
             await asyncio.to_thread(session.engine.remove_plugin, plugin.id, plugin.track_id)
             try:
@@ -627,7 +629,7 @@ class Studio:
     async def _parameter(self, conn: Connection, request: Request) -> dict[str, Any]:
         d = request.data
         session = self._session_of(conn)
-        plugin = self._plugin(session, request)
+        plugin = self._plugin(session, request, conn)
         self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second")
         pid, value = d["parameter_id"], d["parameter_value"]
         previous = plugin.current(pid)
@@ -645,7 +647,7 @@ class Studio:
 
     async def _batch(self, conn: Connection, request: Request) -> dict[str, Any]:
         session = self._session_of(conn)
-        plugin = self._plugin(session, request)
+        plugin = self._plugin(session, request, conn)
         values = _batch_values(request.data["parameters"])
         self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second", len(values))
         previous = {pid: plugin.get(pid) for pid in values if pid in plugin.parameters}
@@ -662,7 +664,7 @@ class Studio:
 
     async def _bypass(self, conn: Connection, request: Request) -> dict[str, Any]:
         session = self._session_of(conn)
-        plugin = self._plugin(session, request)
+        plugin = self._plugin(session, request, conn)
         bypass = request.data["bypass"]
         before = plugin.bypass
         session.engine.set_bypass(plugin.id, bypass)
@@ -679,7 +681,7 @@ class Studio:
     async def _preset(self, conn: Connection, request: Request) -> dict[str, Any]:
         d = request.data
         session = self._session_of(conn)
-        plugin = self._plugin(session, request)
+        plugin = self._plugin(session, request, conn)
         action = _preset_action(request)
         name = d.get("preset_name")
         base = {"track_id": plugin.track_id, "plugin_id": plugin.id, "action": action,
@@ -738,7 +740,7 @@ class Studio:
         return data
 
     async def _parameters_get(self, conn: Connection, request: Request) -> dict[str, Any]:
-        plugin = self._plugin(self._session_of(conn), request)
+        plugin = self._plugin(self._session_of(conn), request, conn)
         info = await asyncio.to_thread(plugin.parameter_info)
         return {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
                 "parameters": plugin.values, "parameter_info": info, "bypass": plugin.bypass,
@@ -758,12 +760,15 @@ class Studio:
         return {"timestamp": now_iso()}
 
     # == helpers ============================================================================
-    def _plugin(self, session: Session, request: Request) -> Plugin:
+    def _plugin(self, session: Session, request: Request, conn: Connection) -> Plugin:
         """The plugin a request names; one still being added (its creation not recorded yet)
-        does not exist for other requests: nothing may be logged about it before its birth."""
+        does not exist for other connections: nothing may be logged about it before its
+        birth. Its adder's own later requests may use it (a pipelining client adds, then
+        sets): they reach the log after the creation, in the connection's order."""
         d = request.data
         track_id = d.get("track_id")
-        if d["plugin_id"] in session.creating:
+        adder = session.creating.get(d["plugin_id"])
+        if adder is not None and adder != conn.id:
             raise PluginNotFound(d["plugin_id"], track_id)
         if request.type == "UPDATE_PARAMETER" and not track_id:
             return session.engine.plugin(d["plugin_id"])

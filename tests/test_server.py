@@ -1128,6 +1128,32 @@ def test_a_reauth_waits_for_the_requests_before_it(tmp_path: Path, user: str,
     run(scenario())
 
 
+def test_a_pipelining_client_can_add_a_plugin_and_change_it_at_once(tmp_path: Path) -> None:
+    """fsync: the next frame starts while the add waits for its sync; the adder's own frames
+    may use the plugin (others still cannot), and the log keeps the connection's order."""
+    async def scenario() -> None:
+        async with serving(tmp_path, fsync=True, rate_limits=False) as server:
+            async with ws_connect(server.url, proxy=None) as raw:
+                await raw.send(json.dumps({"type": "AUTH", "data": {
+                    "token": server.token("alice"), "session_id": "jam"}}))
+                assert json.loads(await raw.recv())["type"] == "AUTH_SUCCESS"
+                base = {"track_id": "t", "plugin_id": "mine"}
+                frames = [("add", "PLUGIN_ADD", {**base, "name": "Reverb"}),
+                          ("set", "PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
+                                                       "parameter_value": 0.9}),
+                          ("off", "PLUGIN_BYPASS", {**base, "bypass": True})]
+                for msg_id, msg_type, data in frames:  # without waiting for replies
+                    await raw.send(json.dumps({"id": msg_id, "type": msg_type, "data": data}))
+                replies = [json.loads(await raw.recv()) for _ in frames]
+            assert [(r["id"], r["data"].get("success")) for r in replies] == [
+                ("add", True), ("set", True), ("off", True)]
+            assert server.store is not None
+            actions = [e.action for e in server.store.events("jam") if e.action != "auth"]
+            assert actions == ["plugin_add", "parameter_update", "plugin_bypass"]
+
+    run(scenario())
+
+
 # == 5. flood =============================================================================
 
 def test_flood_from_one_client_does_not_starve_another(tmp_path: Path) -> None:
