@@ -29,7 +29,7 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -722,17 +722,21 @@ class Studio:
             raise InvalidMessage("preset_name or preset_data required", "preset_name")
         changes = len(source) if isinstance(source, dict) else len(plugin.parameters)
         self._limit(conn.parameter_window(plugin.id), "parameter_changes_per_second", changes)
-        resolved = await asyncio.to_thread(session.engine.preset_values, plugin, source)
-        # applied and handed to the log with no await in between, so a change another client
-        # makes meanwhile lands either before both or after both (engine and log agree)
-        before = plugin.values
-        plugin.update(resolved)
-        values = plugin.values
-        daid = await self._record(conn, [self._draft(
-            conn, "preset_load", "plugin", plugin.id, "preset_load",
-            {"track_id": plugin.track_id, "plugin_id": plugin.id,
-             "preset_name": name if isinstance(source, str) else None, "parameters": values})],
-            plugin, before)
+        # a named preset is read, applied and recorded with saves and deletes held off, so
+        # the log never has a load of a preset it says was deleted (or of another version)
+        async with self._preset_lock if isinstance(source, str) else nullcontext():
+            resolved = await asyncio.to_thread(session.engine.preset_values, plugin, source)
+            # applied and handed to the log with no await in between, so a change another
+            # client makes meanwhile lands either before both or after both (engine and log
+            # agree)
+            before = plugin.values
+            plugin.update(resolved)
+            values = plugin.values
+            daid = await self._record(conn, [self._draft(
+                conn, "preset_load", "plugin", plugin.id, "preset_load",
+                {"track_id": plugin.track_id, "plugin_id": plugin.id,
+                 "preset_name": name if isinstance(source, str) else None,
+                 "parameters": values})], plugin, before)
         data = {**base, "preset_name": name, "parameters": values, "daid": daid}
         session.throttle.supersede(plugin.id, values)
         self._broadcast(session, conn, "PLUGIN_PRESET", data)

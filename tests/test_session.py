@@ -12,6 +12,7 @@ import ast
 import asyncio
 import itertools
 import json
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -591,6 +592,43 @@ def test_a_failed_change_and_a_failed_removal_bring_back_the_value_from_before(
             rig.store.append_many_async = append  # type: ignore[method-assign]
             got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
             assert got["parameters"]["wet_dry"] == before
+
+    run(scenario())
+
+
+def test_racing_preset_loads_saves_and_deletes_tell_one_story(tmp_path: Path) -> None:
+    """fsync, two clients racing on one preset name: in the log, every load of it follows a
+    save of it with no delete in between, and loads what that save recorded."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Delay"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid, "preset_name": "Shared"}
+            rng = random.Random(7)
+
+            async def client(peer: Peer) -> None:  # one request after another, like a UI
+                for k in range(80):
+                    action = rng.choice(["save", "load", "load", "delete"])
+                    if action == "save":
+                        await peer.answer("PLUGIN_PARAMETER", {
+                            "track_id": "t", "plugin_id": pid, "parameter_id": "mix",
+                            "parameter_value": k / 100})
+                    await peer.answer("PLUGIN_PRESET", {**base, "action": action})
+
+            await asyncio.gather(client(alice), client(bob))
+            saved: dict[str, Any] | None = None
+            loads = 0
+            for event in rig.store.events("jam"):
+                details = event.details
+                if event.action == "preset_save" and details["preset_name"] == "Shared":
+                    saved = details["parameters"]
+                elif event.action == "preset_delete":
+                    saved = None
+                elif event.action == "preset_load" and details["preset_name"] == "Shared":
+                    assert saved is not None, f"seq {event.seq}: a load of a deleted preset"
+                    assert details["parameters"] == saved, f"seq {event.seq}"
+                    loads += 1
+            assert loads > 0
 
     run(scenario())
 
