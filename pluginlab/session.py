@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -433,7 +433,7 @@ class Studio:
                                               {"session_id": session_id,
                                                "address": conn.address})])
         return {"session_id": session_id, "user_id": identity.user_id,
-                "snapshot": session.snapshot()}
+                "snapshot": self._snapshot(session, conn)}
 
     def _check_connection_cap(self, conn: Connection, identity: Identity, shared: bool) -> None:
         """AuthFailed when the user already has ``connections_per_user`` authenticated
@@ -746,12 +746,20 @@ class Studio:
     async def _parameters_get(self, conn: Connection, request: Request) -> dict[str, Any]:
         plugin = self._plugin(self._session_of(conn), request, conn)
         info = await asyncio.to_thread(plugin.parameter_info)
+        state = self._as_recorded(conn, {"plugin_id": plugin.id, "parameters": plugin.values,
+                                         "bypass": plugin.bypass})
+        for entry in info:  # the values shown are the log's (see _as_recorded)
+            value = state["parameters"].get(entry["id"], entry["value"])
+            if value != entry["value"]:
+                entry["value"] = value
+                if plugin.kind == "builtin":
+                    entry["text"] = plugin.spec(entry["id"]).format(value)
         return {"track_id": plugin.track_id, "plugin_id": plugin.id, "name": plugin.name,
-                "parameters": plugin.values, "parameter_info": info, "bypass": plugin.bypass,
-                "success": True}
+                "parameters": state["parameters"], "parameter_info": info,
+                "bypass": state["bypass"], "success": True}
 
     async def _state_get(self, conn: Connection, request: Request) -> dict[str, Any]:
-        return {"snapshot": self._session_of(conn).snapshot()}
+        return {"snapshot": self._snapshot(self._session_of(conn), conn)}
 
     async def _cursor(self, conn: Connection, request: Request) -> None:
         if conn.cursors.take() is None:
@@ -839,6 +847,34 @@ class Studio:
         self._settled(waiting)
         return str(events[-1].daid)
 
+    def _snapshot(self, session: Session, reader: Connection) -> dict[str, Any]:
+        """The session's snapshot with the values the log has (see :meth:`_as_recorded`)."""
+        snapshot = session.snapshot()
+        if self._tentative:
+            for chain in snapshot["tracks"].values():
+                for plugin in chain:
+                    self._as_recorded(reader, plugin)
+        return snapshot
+
+    def _as_recorded(self, reader: Connection, plugin: dict[str, Any]) -> dict[str, Any]:
+        """``plugin`` (a state dict) with each value still waiting for its record replaced by
+        the one before it, unless the newest waiting change is the reader's own (it reads its
+        own writes): others are shown only what the log has, so what they see survives a
+        crash, and an undone change never reaches them (only when replies wait for the store;
+        otherwise nothing waits)."""
+        if not self._tentative:
+            return plugin
+        session_id = reader.session_id
+        for waiting, value in self._tentative.recorded_values(reader.id):
+            sid, plugin_id, key = cast(tuple[Any, Any, Any], waiting)
+            if sid != session_id or plugin_id != plugin["plugin_id"] or value is None:
+                continue
+            if key == _BYPASS:
+                plugin["bypass"] = value
+            elif key in plugin["parameters"]:
+                plugin["parameters"][key] = value
+        return plugin
+
     def _undo_targets(self, conn: Connection, plugin: Plugin) -> list[Plugin]:
         """The plugin objects an undo applies to: ``plugin`` (also when removed meanwhile: a
         removal undone later brings it back with its values) and the one put back in its place
@@ -862,7 +898,7 @@ class Studio:
         if not self.replies_wait or plugin is None or not previous:
             return []
         keys = [(conn.session_id, plugin.id, k) for k in previous]
-        return [(key, self._tentative.applied(key, previous[key[2]])) for key in keys]
+        return [(key, self._tentative.applied(key, previous[key[2]], conn.id)) for key in keys]
 
     def _undo_waiting(self, waiting: list[tuple[Any, Any]]) -> dict[Any, Any]:
         """The values to put back for failed changes that no later change overwrote."""

@@ -15,10 +15,11 @@ from typing import Any
 
 
 class _Change:
-    __slots__ = ("previous", "recorded")
+    __slots__ = ("owner", "previous", "recorded")
 
-    def __init__(self, previous: Any) -> None:
+    def __init__(self, previous: Any, owner: Hashable) -> None:
         self.previous = previous  # the value to restore if this change fails
+        self.owner = owner  # who made it (it reads its own writes)
         self.recorded = False
 
 
@@ -29,9 +30,10 @@ class Tentative:
     def __init__(self) -> None:
         self._waiting: dict[Hashable, list[_Change]] = {}
 
-    def applied(self, key: Hashable, previous: Any) -> _Change:
-        """Note a change of ``key`` just applied over ``previous``; returns its handle."""
-        change = _Change(previous)
+    def applied(self, key: Hashable, previous: Any, owner: Hashable = None) -> _Change:
+        """Note a change of ``key`` just applied over ``previous`` by ``owner``; returns its
+        handle."""
+        change = _Change(previous, owner)
         self._waiting.setdefault(key, []).append(change)
         return change
 
@@ -51,6 +53,16 @@ class Tentative:
             waiting[at].previous = change.previous
         self._settle(key)
         return (True, change.previous) if newest else (False, None)
+
+    def recorded_values(self, reader: Hashable = None) -> list[tuple[Hashable, Any]]:
+        """``(key, value)`` for every key with a change waiting, unless the newest is the
+        ``reader``'s own (it reads its own writes): the value the log has (the one before the
+        oldest waiting change), which is what the reader may be shown."""
+        return [(key, waiting[0].previous) for key, waiting in self._waiting.items()
+                if waiting[-1].owner != reader or reader is None]
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
 
     def __len__(self) -> int:
         """How many changes are waiting or kept (0 when everything is settled)."""

@@ -633,6 +633,50 @@ def test_racing_preset_loads_saves_and_deletes_tell_one_story(tmp_path: Path) ->
     run(scenario())
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_readers_see_only_what_the_log_has(tmp_path: Path, recorded: bool) -> None:
+    """fsync: while Alice's change (and bypass) wait for their sync, Bob's reads and a new
+    member's snapshot show the values before them: what they see survives a crash, and a
+    change undone because its record failed never reaches anyone."""
+    async def scenario() -> None:
+        async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
+            alice, bob = await rig.peer("alice"), await rig.peer("bob")
+            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+            base = {"track_id": "t", "plugin_id": pid}
+            before = (await bob.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
+            gate = asyncio.Event()
+            append = rig.store.append_many_async
+
+            async def slow_sync(drafts: list[Any]) -> list[Any]:
+                if drafts[0].user_id != "alice":
+                    return await append(drafts)
+                await gate.wait()
+                if not recorded:
+                    raise OSError(28, "No space left on device")
+                return await append(drafts)
+
+            rig.store.append_many_async = slow_sync  # type: ignore[method-assign]
+            sent = [asyncio.ensure_future(alice.answer(t, {**base, **d})) for t, d in (
+                ("PLUGIN_PARAMETER", {"parameter_id": "wet_dry", "parameter_value": 0.9}),
+                ("PLUGIN_BYPASS", {"bypass": True}))]
+            while len(rig.studio._tentative) < 2:
+                await asyncio.sleep(0.005)
+            got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
+            assert got["parameters"]["wet_dry"] == before and got["bypass"] is False
+            info = {e["id"]: e for e in got["parameter_info"]}
+            assert info["wet_dry"]["value"] == before
+            carol = await rig.peer("carol")
+            joined = carol.received("AUTH_SUCCESS")[0]["data"]["snapshot"]["tracks"]["t"][0]
+            assert joined["parameters"]["wet_dry"] == before and joined["bypass"] is False
+            gate.set()
+            await asyncio.gather(*sent)
+            got = await bob.ok("PLUGIN_PARAMETERS_GET", base)
+            assert (got["parameters"]["wet_dry"], got["bypass"]) == (
+                (0.9, True) if recorded else (before, False))
+
+    run(scenario())
+
+
 def test_a_cancelled_request_leaves_no_tentative_change_behind(tmp_path: Path) -> None:
     """fsync: a request cancelled while its change waits for the sync (e.g. at shutdown) is
     recorded all the same (the store keeps what it was handed); the ledger of unrecorded

@@ -45,3 +45,15 @@ def test_keys_are_independent_and_recorded_changes_are_forgotten() -> None:
     assert len(ledger) == 1
     assert ledger.failed("y", b) == (True, 5.0)
     assert len(ledger) == 0
+
+
+def test_readers_see_the_logged_value_unless_the_newest_change_is_their_own() -> None:
+    ledger = Tentative()
+    assert not ledger and ledger.recorded_values() == []
+    mine = ledger.applied("x", 0.0, owner="alice")
+    assert ledger.recorded_values("bob") == [("x", 0.0)]
+    assert ledger.recorded_values("alice") == []  # alice reads her own write
+    ledger.applied("x", 1.0, owner="bob")
+    assert ledger.recorded_values("alice") == [("x", 0.0)]  # bob's newer change waits
+    ledger.recorded("x", mine)
+    assert ledger.recorded_values("alice") == [("x", 1.0)]  # alice's value is in the log now
