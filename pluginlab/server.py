@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Generic, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -130,8 +130,7 @@ class PluginServer:
         self._origins = self.config.origins()
         self._stopping = False  # set by stop(): frames not yet handled are left unhandled
         self._handling = 0  # requests being handled (stop() lets them finish and answer)
-        self._none_handled = asyncio.Event()
-        self._none_handled.set()
+        self._none_handled: asyncio.Event | None = None  # what stop() waits on meanwhile
         self._outbox = _Outbox(self.config.max_send_buffer)
 
     @property
@@ -171,8 +170,10 @@ class PluginServer:
         reply, so it knows to resend after reconnecting). Requests already being handled finish
         and are answered first (for at most ``STOP_GRACE`` seconds)."""
         self._stopping = True
-        with contextlib.suppress(TimeoutError):  # requests in flight are answered first
-            await asyncio.wait_for(self._none_handled.wait(), STOP_GRACE)
+        if self._handling:  # requests in flight are answered first
+            self._none_handled = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_handled.wait(), STOP_GRACE)
         self._outbox.end_run()  # messages already sent go out before the close frames
         if self._server is not None:
             self._server.close()
@@ -275,11 +276,13 @@ class PluginServer:
         async for frame in ws:
             if self._stopping:
                 continue  # read and drop, so the close handshake behind them completes
+            self._handling += 1
             try:
-                with self._handling_one():
-                    await receive(conn, frame)
+                await receive(conn, frame)
             except Exception:  # a reply that could not be sent; the connection goes on
                 log.exception("failed to answer a frame from %s", conn.id)
+            finally:
+                self._end_handling()
             handled += 1
             if handled % BURST == 0:
                 await asyncio.sleep(0)
@@ -303,7 +306,7 @@ class PluginServer:
                     continue  # read and drop (see _serve_in_turn)
                 applied: asyncio.Future[None] = loop.create_future()
                 done: asyncio.Future[None] = loop.create_future()
-                self._begin_handling()  # ended by _one
+                self._handling += 1  # ended by _one
                 task = asyncio.create_task(
                     self._one(conn, frame, gate, applied, replied, done, slots))
                 tasks.add(task)
@@ -329,21 +332,9 @@ class PluginServer:
             slots.release()
             self._end_handling()
 
-    @contextlib.contextmanager
-    def _handling_one(self) -> Iterator[None]:
-        self._begin_handling()
-        try:
-            yield
-        finally:
-            self._end_handling()
-
-    def _begin_handling(self) -> None:
-        self._handling += 1
-        self._none_handled.clear()
-
     def _end_handling(self) -> None:
         self._handling -= 1
-        if not self._handling:
+        if not self._handling and self._none_handled is not None:
             self._none_handled.set()
 
     async def _handshake_join(self, ws: ServerConnection, conn: Connection) -> None:

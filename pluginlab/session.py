@@ -206,6 +206,7 @@ class Studio:
         self._session_lock = asyncio.Lock()
         self._preset_lock = asyncio.Lock()  # preset saves and deletes, one at a time
         self._tentative = Tentative()  # changes applied but not yet recorded (replies_wait)
+        self._replies_wait = self.replies_wait  # fixed: the config and the store are
         self._releasing: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, Handler] = {
             "AUTH": self._auth, "PING": self._ping,
@@ -822,7 +823,8 @@ class Studio:
         if not self.tracking or not drafts:
             return None
         undoable = plugin is not None and bool(previous)
-        waiting = self._waiting_changes(conn, plugin, previous) if undoable else []
+        waiting = self._waiting_changes(conn, plugin, previous) if (
+            undoable and self._replies_wait) else []
         try:
             pending = self.store.append_many_async(drafts)
             # The store enqueues synchronously when the coroutine starts, before the loop can
@@ -844,7 +846,8 @@ class Studio:
         except BaseException:  # cancelled: events handed to the store are recorded all the same
             self._settled(waiting)
             raise
-        self._settled(waiting)
+        if waiting:
+            self._settled(waiting)
         return str(events[-1].daid)
 
     def _snapshot(self, session: Session, reader: Connection) -> dict[str, Any]:
@@ -893,9 +896,9 @@ class Studio:
     def _waiting_changes(self, conn: Connection, plugin: Plugin | None,
                          previous: dict[Any, Any] | None) -> list[tuple[Any, Any]]:
         """When replies wait for the store, other changes can land before this one is
-        recorded: note it in the ledger of tentative changes. Otherwise nothing can come in
-        between and undoing simply restores ``previous``."""
-        if not self.replies_wait or plugin is None or not previous:
+        recorded: note it in the ledger of tentative changes. (Otherwise nothing can come in
+        between and undoing simply restores ``previous``: the caller does not call this.)"""
+        if plugin is None or not previous:
             return []
         keys = [(conn.session_id, plugin.id, k) for k in previous]
         return [(key, self._tentative.applied(key, previous[key[2]], conn.id)) for key in keys]
