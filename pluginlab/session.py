@@ -204,9 +204,9 @@ class Studio:
         self.sessions: dict[str, Session] = {}
         self.connections: dict[str, Connection] = {}
         self._session_lock = asyncio.Lock()
-        self._preset_lock = asyncio.Lock()  # preset saves and deletes, one at a time
+        self._preset_lock = asyncio.Lock()  # named preset saves, deletes, loads: one at a time
         self._tentative = Tentative()  # changes applied but not yet recorded (replies_wait)
-        self._replies_wait = self.replies_wait  # fixed: the config and the store are
+        self._replies_wait = self.replies_wait  # the config and the store never change
         self._releasing: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, Handler] = {
             "AUTH": self._auth, "PING": self._ping,
