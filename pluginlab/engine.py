@@ -487,6 +487,9 @@ class Engine:
         return self.plugin(plugin_id).update(values)
 
     def set_bypass(self, plugin_id: str, bypass: bool) -> None:
+        """Bypass on or off: a bool (numpy's included); anything else is InvalidMessage."""
+        if isinstance(bypass, np.bool_):
+            bypass = bool(bypass)
         if not isinstance(bypass, bool):
             raise InvalidMessage(f"expected a boolean, got {type(bypass).__name__}", "bypass")
         with self._lock:

@@ -115,6 +115,8 @@ def test_bypass_requires_a_boolean(engine: Engine):
     with pytest.raises(InvalidMessage):
         plugin.bypass = 1
     assert plugin.bypass is False
+    plugin.bypass = np.bool_(True)  # numpy's bool is a boolean (it said "got bool")
+    assert plugin.bypass is True
 
 
 def test_remove_drops_the_processor(engine: Engine, make_engine: Callable[..., Engine]):
