@@ -104,6 +104,13 @@ class Rig:
         assert self.auth is not None
         return self.auth.issue(user, **kwargs)
 
+    async def two_on_a_reverb(self) -> tuple[Peer, Peer, str, dict[str, Any]]:
+        """Alice and Bob in "jam", a Reverb Alice added on track "t": (alice, bob, its id,
+        {track_id, plugin_id})."""
+        alice, bob = await self.peer("alice"), await self.peer("bob")
+        pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
+        return alice, bob, pid, {"track_id": "t", "plugin_id": pid}
+
     async def peer(self, name: str, session: str | None = "jam", **token_kwargs: Any) -> Peer:
         peer = Peer(self.studio, name, self.log)
         if session is not None:
@@ -437,9 +444,7 @@ def test_a_change_that_cannot_be_recorded_is_undone(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = FailingStore()
         async with studio_rig(tmp_path, store=store) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, pid, base = await rig.two_on_a_reverb()
             await alice.ok("PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry",
                                                 "parameter_value": 0.4})
             seen = len(bob.outbox)
@@ -513,9 +518,7 @@ def test_undoing_a_failed_change_never_overwrites_a_later_acknowledged_one(
     acknowledged; Alice's record then fails. Bob's value must stay (it is in the log)."""
     async def scenario() -> None:
         async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, _pid, base = await rig.two_on_a_reverb()
             gate, waiting = _failing_when(rig.store, lambda d: d.user_id == "alice")
             alices = asyncio.ensure_future(alice.answer(
                 "PLUGIN_PARAMETER", {**base, "parameter_id": "wet_dry", "parameter_value": 0.9}))
@@ -545,9 +548,7 @@ def test_undoing_a_failed_change_never_overwrites_a_later_acknowledged_one(
 def test_removing_a_plugin_twice_at_once_is_plugin_not_found(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path, rate_limits=False) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, _pid, base = await rig.two_on_a_reverb()
             replies = await asyncio.gather(alice.answer("PLUGIN_REMOVE", base),
                                            bob.answer("PLUGIN_REMOVE", base))
             outcomes = sorted(r["data"].get("code", "ok") for r in replies)
@@ -563,9 +564,7 @@ def test_a_failed_change_and_a_failed_removal_bring_back_the_value_from_before(
     fail. The plugin must come back with the value the log has, whichever fails first."""
     async def scenario() -> None:
         async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, _pid, base = await rig.two_on_a_reverb()
             before = (await alice.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
             gates = {"parameter_update": asyncio.Event(), "plugin_remove": asyncio.Event()}
             append = rig.store.append_many_async
@@ -640,9 +639,7 @@ def test_readers_see_only_what_the_log_has(tmp_path: Path, recorded: bool) -> No
     change undone because its record failed never reaches anyone."""
     async def scenario() -> None:
         async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, _pid, base = await rig.two_on_a_reverb()
             before = (await bob.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
             gate = asyncio.Event()
             append = rig.store.append_many_async
@@ -718,9 +715,7 @@ def test_undoing_two_failed_changes_restores_the_value_from_before_both(
         tmp_path: Path) -> None:
     async def scenario() -> None:
         async with studio_rig(tmp_path, store="fsync", rate_limits=False) as rig:
-            alice, bob = await rig.peer("alice"), await rig.peer("bob")
-            pid = (await alice.ok("PLUGIN_ADD", {"track_id": "t", "name": "Reverb"}))["plugin_id"]
-            base = {"track_id": "t", "plugin_id": pid}
+            alice, bob, _pid, base = await rig.two_on_a_reverb()
             before = (await alice.ok("PLUGIN_PARAMETERS_GET", base))["parameters"]["wet_dry"]
             gate, waiting = _failing_when(rig.store, lambda d: d.action != "auth")
             sent = [asyncio.ensure_future(peer.answer(msg_type, {**base, **data}))
