@@ -281,7 +281,7 @@ def test_failures_outside_the_window_do_not_add_up() -> None:
     for _ in range(10):
         auth.record_failure("a")
         clock.now += 6  # at most two failures inside any 10 s
-        auth.check_blocked("a")
+        assert auth.check_blocked("a") is None  # not blocked (it raises when blocked)
 
 
 def test_a_success_resets_the_count() -> None:
@@ -292,6 +292,6 @@ def test_a_success_resets_the_count() -> None:
     auth.record_success("a")
     auth.record_failure("a")
     auth.record_failure("a")
-    auth.check_blocked("a")
+    assert auth.check_blocked("a") is None  # two since the success: not blocked yet
     auth.record_failure("a")
-    blocked_retry_after(auth, "a")
+    assert blocked_retry_after(auth, "a") > 0
