@@ -18,6 +18,9 @@ Playwright's sync API must not run inside an asyncio loop). Then:
 (c) a change and a cursor sent by the client move the Room Size slider and show "✎ colleague"
     in the page.
 
+A second test runs the seed's old hook (plain JavaScript, old message format) in Chromium
+next to a new-format client, and checks the old page's own plugin list follows their changes.
+
 Skipped when Chromium or Playwright is missing, except under ``CI=true`` where it must run.
 """
 
@@ -347,3 +350,84 @@ def test_sliders_in_jupyterlab_talk_to_a_remote_client(tmp_path: Path,
                 loops.run(client.close(), timeout=5)
         loops.close()
         jupyter.stop()
+
+
+# The seed's "Old Hook" (usePluginControls) as plain JavaScript: it never authenticates, adds
+# with ADD_PLUGIN {trackId, name, path}, and keeps its plugin list from PLUGIN_ADDED and
+# PARAMETER_UPDATED only (setPlugins / updatePluginParameter), reading fields at the top level.
+OLD_HOOK_PAGE = """<!doctype html><html><head><meta charset=utf-8><title>old hook</title></head>
+<body><script>
+window.plugins = [];
+function updatePluginParameter(pluginId, parameterId, value) {
+  const plugin = plugins.find(p => p.id === pluginId);
+  if (plugin) plugin.parameters[parameterId] = value;
+}
+window.connectOld = (url) => new Promise(resolve => {
+  const ws = new WebSocket(url);
+  ws.onmessage = (event) => {
+    const data = JSON.parse(event.data);
+    switch (data.type) {
+      case 'PLUGIN_ADDED': plugins.push(data.plugin); break;
+      case 'PARAMETER_UPDATED':
+        updatePluginParameter(data.pluginId, data.parameterId, data.value); break;
+    }
+  };
+  ws.onopen = () => { window.ws = ws; resolve(true); };
+});
+window.addPlugin = (name, path) => ws.send(JSON.stringify(
+  {type: 'ADD_PLUGIN', data: {trackId: 'track_1', name: name, path: path}}));
+</script></body></html>"""
+
+
+def test_an_old_front_end_in_a_browser_stays_in_sync_with_new_clients() -> None:
+    """Chromium runs the old hook; a new-format client adds a plugin, changes it, sends a batch
+    and loads a preset: the old page's own plugin list ends equal to the server's state."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from pluginlab.config import ServerConfig
+    from pluginlab.server import PluginServer
+
+    loops = LoopThread()
+    server = PluginServer(ServerConfig(port=0, db=None, jwt_secret=SECRET, allow_anonymous=True))
+    client: Client | None = None
+    try:
+        loops.run(server.start())
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                         args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_content(OLD_HOOK_PAGE)
+                assert page.evaluate("(url) => connectOld(url)", server.url) is True
+                page.evaluate("() => addPlugin('Utility', 'Utility')")  # joins legacy_session
+                _eventually(lambda: page.evaluate("plugins.length") == 1)
+
+                client = Client(server.url, timeout=15.0)
+                loops.run(client.connect())
+                loops.run(client.authenticate(server.token("colleague"),
+                                              session_id="legacy_session"))
+                reverb = loops.run(client.add_plugin("track_1", "Reverb"))["plugin_id"]
+                loops.run(client.set_parameter("track_1", reverb, "wet_dry", 0.8))
+                loops.run(client.set_parameters("track_1", reverb,
+                                                {"room_size": 0.2, "damping": 0.9}))
+                utility = page.evaluate("plugins[0].id")
+                loops.run(client.preset("track_1", utility, "load",
+                                        preset_data={"gain": -6.0}))
+                tracks = loops.run(client.session_state())["tracks"]
+                server_side = {p["plugin_id"]: p["parameters"] for p in tracks["track_1"]}
+
+                def page_side() -> dict[str, Any]:
+                    return dict(page.evaluate(
+                        "Object.fromEntries(plugins.map(p => [p.id, p.parameters]))"))
+
+                _eventually(lambda: page_side() == server_side)
+                assert page_side()[reverb]["wet_dry"] == 0.8
+                assert page_side()[utility]["gain"] == -6.0
+            finally:
+                browser.close()
+    finally:
+        if client is not None:
+            loops.run(client.close())
+        loops.run(server.stop())
+        loops.close()
