@@ -1266,6 +1266,9 @@ def verify_chain(conn: sqlite3.Connection) -> VerifyResult:
     head = None
     if _table_exists(conn, "chain_head"):
         head = conn.execute("SELECT seq, chain_hash FROM chain_head WHERE id = 1").fetchone()
+        if head is None:  # every store writes it, an empty one too: deleted with the tail?
+            return VerifyResult(False, checked, None,
+                                "the chain head row is missing (log truncated or edited)")
     if head is not None and head[0] > checked:
         gap = f"{checked + 1}" if head[0] == checked + 1 else f"{checked + 1}..{head[0]}"
         return VerifyResult(False, checked, checked + 1, f"seq {gap} missing (log truncated)")

@@ -1105,17 +1105,19 @@ def ten_events(db: Path) -> Path:
         (["DELETE FROM daid_events WHERE seq = 10"], 10, "log truncated"),
         (["UPDATE daid_events SET prev_hash = chain_hash WHERE seq = 6"], 6,
          "prev_hash does not match"),
+        (["DELETE FROM daid_events WHERE seq = 10", "DELETE FROM chain_head"], None,
+         "chain head row is missing"),
     ],
 )
 def test_verify_finds_the_first_broken_row(
-    ten_events: Path, statements: list[str], seq: int, reason: str
+    ten_events: Path, statements: list[str], seq: int | None, reason: str
 ) -> None:
     tampered(ten_events, *statements)
     result = verify_database(ten_events)
     assert not result.ok
     assert result.first_bad_seq == seq
     assert reason in result.reason
-    assert result.checked == seq - 1
+    assert result.checked == (seq - 1 if seq is not None else 9)
 
 
 def test_verify_catches_a_rehashed_edit_through_the_daid(ten_events: Path) -> None:
