@@ -348,8 +348,8 @@ class Studio:
             raise UnknownMessageType(request.raw_type)
         if msg_type == "PLUGIN_PARAMETER_BATCH" and not cfg.enable_parameter_batching:
             raise UnknownMessageType(request.raw_type)
-        if request.legacy:
-            conn.legacy = True  # an old client: its broadcasts get the old shapes too
+        if msg_type not in ("AUTH", "PING"):  # the format it last spoke: an old client gets
+            conn.legacy = request.legacy  # broadcasts in the old shapes too
         if msg_type not in ("AUTH", "PING") and not conn.authenticated:
             if request.legacy and cfg.allow_anonymous:
                 await self._join(conn, None, None, "legacy_session", request.id,

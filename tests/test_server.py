@@ -242,6 +242,14 @@ def test_old_clients_receive_others_changes_in_the_old_shapes(tmp_path: Path) ->
             await new.ping()
             assert not new.received("PLUGIN_ADDED") and not new.received("PARAMETER_UPDATED")
             assert new.received("PLUGIN_ADD") and new.received("PLUGIN_PARAMETER")
+            # a client that moves to the new format gets the new shapes only from then on
+            await watcher.client.set_parameter(TRACK, added["pluginId"], "wet_dry", 0.1)
+            watcher.client.drain()
+            await new.set_parameter(TRACK, added["pluginId"], "wet_dry", 0.2)
+            await watcher.client.wait_for("PLUGIN_STATE_UPDATE", lambda m: (
+                m["data"].get("parameters") or {}).get("wet_dry") == 0.2)
+            await watcher.client.ping()
+            assert watcher.client.received("PARAMETER_UPDATED") == []
             session = server.studio.sessions["legacy_session"]
             assert session.speaks_legacy
             for old in (adder, watcher):
