@@ -348,6 +348,7 @@ class Studio:
             raise UnknownMessageType(request.raw_type)
         if msg_type == "PLUGIN_PARAMETER_BATCH" and not cfg.enable_parameter_batching:
             raise UnknownMessageType(request.raw_type)
+        was_legacy = conn.legacy
         if msg_type not in ("AUTH", "PING"):  # the format it last spoke: an old client gets
             conn.legacy = request.legacy  # broadcasts in the old shapes too
         if msg_type not in ("AUTH", "PING") and not conn.authenticated:
@@ -364,8 +365,8 @@ class Studio:
             raise Unauthorized(f"token lacks permission {permission}",
                                {"required_permission": permission})
         session = self.sessions.get(conn.session_id) if conn.session_id else None
-        if session is not None and conn.legacy:
-            session.speaks_legacy = True
+        if session is not None and conn.legacy != was_legacy:
+            session.speaks_legacy = any(m.legacy for m in session.members.values())
         if session is None:
             data = await self._handlers[msg_type](conn, request)
         else:
