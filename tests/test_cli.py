@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -25,11 +27,14 @@ SCRIPT = Path(sys.executable).parent / "pluginlab"
 
 
 
+def _command() -> list[str]:
+    return [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
+
+
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env,
+    return subprocess.run([*_command(), *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=180, check=False)
 
 
@@ -180,18 +185,18 @@ def test_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
-def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None:
-    key = _public_key(tmp_path)
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
+@contextlib.contextmanager
+def serve_lines(tmp_path: Path, *args: str, env: dict[str, str] | None = None
+                ) -> Iterator[list[str]]:
+    """``pluginlab serve --port 0 --db '' ARGS`` as a real process: yields its first three
+    output lines, then stops it with Ctrl-C (SIGINT), which must end it cleanly."""
     process = subprocess.Popen(
-        [*command, "serve", "--port", "0", "--jwt-public-key", str(key), "--db", ""],
+        [*_command(), "serve", "--port", "0", "--db", "", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(3)]
-        assert lines[0].startswith("pluginlab serving on ws://127.0.0.1:")
-        assert f"pluginlab token USER --jwt-public-key {key} --private-key" in lines[1]
+        yield [process.stdout.readline() for _ in range(3)]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     finally:
@@ -199,25 +204,21 @@ def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None
         process.wait()
 
 
+def test_serve_with_a_public_key_says_how_to_get_a_token(tmp_path: Path) -> None:
+    key = _public_key(tmp_path)
+    with serve_lines(tmp_path, "--jwt-public-key", str(key)) as lines:
+        assert lines[0].startswith("pluginlab serving on ws://127.0.0.1:")
+        assert f"pluginlab token USER --jwt-public-key {key} --private-key" in lines[1]
+
+
 def test_serve_takes_the_ready_token_user_from_the_environment(tmp_path: Path) -> None:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "pluginlab.cli"]
     secret = "s" * 32
-    process = subprocess.Popen(
-        [*command, "serve", "--port", "0", "--jwt-secret", secret, "--db", ""],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PLUGINLAB_TOKEN_USER": "bob"})
-    try:
-        assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(3)]
+    with serve_lines(tmp_path, "--jwt-secret", secret,
+                     env={"PLUGINLAB_TOKEN_USER": "bob"}) as lines:
         assert "token for 'bob'" in "".join(lines), lines
         token = next(line.split()[-1] for line in lines if line.count(".") == 2
                      and line.split()[-1].startswith("ey"))
         assert jwt.decode(token, secret, algorithms=["HS256"])["sub"] == "bob"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_the_secret_can_live_in_a_file(tmp_path: Path) -> None:
