@@ -74,6 +74,13 @@ class Identity:
         return self.sessions is None or session_id in self.sessions
 
 
+def check_user_id(user_id: object) -> None:
+    """ValueError unless ``user_id`` is 1 to 128 characters of text (the id limit: it is
+    copied into every message and event of its user)."""
+    if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_ID:
+        raise ValueError(f"user_id must be 1 to {MAX_ID} characters")
+
+
 class Authenticator:
     """Verifies tokens and tracks failures per address. Thread-safe."""
 
@@ -133,8 +140,7 @@ class Authenticator:
         raise ValueError. With a public key the algorithm is the configured one, else the
         private key's (RS256 for RSA, ES256 for EC P-256).
         """
-        if not isinstance(user_id, str) or not 0 < len(user_id) <= MAX_ID:
-            raise ValueError(f"user_id must be 1 to {MAX_ID} characters")
+        check_user_id(user_id)
         unknown = sorted(set(permissions or ()) - set(PERMISSIONS))
         if unknown:
             raise ValueError(f"unknown permission(s) {', '.join(unknown)}; "

@@ -18,6 +18,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from .auth import check_user_id
 from .config import FLAG_ENV, ServerConfig
 from .messages import MAX_ID
 
@@ -85,7 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # one line per connection and per handshake is noise at info
         logging.getLogger("websockets").setLevel(logging.WARNING)
-    if not 0 < len(args.token_user) <= MAX_ID:
+    try:
+        check_user_id(args.token_user)
+    except ValueError:
         return _fail(f"token user must be 1 to {MAX_ID} characters (--token-user, "
                      "PLUGINLAB_TOKEN_USER)")
     try:
